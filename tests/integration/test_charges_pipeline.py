@@ -1,0 +1,122 @@
+"""Issue 2 acceptance: charge events from Kafka into Postgres with dedup and dead letters."""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+
+from tests.support import (
+    charge,
+    consume_all,
+    fetch,
+    fetchval,
+    produce,
+    record,
+    running_worker,
+    setup_pipeline,
+    wait_for,
+)
+from workers.settings import Settings
+
+
+def _sample(metrics, name: str, **labels: str) -> float:  # type: ignore[no-untyped-def]
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_thousand_events_with_duplicates_conflicts_and_bad_input(settings: Settings) -> None:
+    rng = random.Random(2)
+    await setup_pipeline(settings, flows=[("flow_a", "active"), ("flow_b", "active"), ("flow_old", "paused")])
+    unique = [
+        charge(rng.choice(["flow_a", "flow_b"]), f"cust_{rng.randint(1, 50)}", f"ref-{n}", rng.randint(1, 10_000))
+        for n in range(890)
+    ]
+    duplicates = rng.sample(unique, 100)  # 10% exact duplicates
+    conflicts = [dict(event, amount=event["amount"] + 1) for event in unique[:3]]
+    malformed: list[tuple[bytes | None, bytes]] = [
+        record(b"{not json", key="cust_1"),
+        record(b"\xff\xfe\x00garbage", key="cust_1"),
+        record({**charge("flow_a", "cust_1", "bad-float"), "amount": 100.0}),
+        record({**charge("flow_a", "cust_1", "bad-field"), "ammount": 5}),
+        record(charge("flow_a", "cust_1", "bad-currency", currency="ZZZ")),
+    ]
+    paused = [charge("flow_old", "cust_2", f"paused-{n}") for n in range(2)]
+    # Originals first, then the rest shuffled: every conflict comes after the payload it
+    # collides with, so "the first stored payload wins" is what is checked.
+    rest = [record(e) for e in duplicates + conflicts + paused] + malformed
+    rng.shuffle(rest)
+    records = [record(e) for e in unique] + rest
+    assert len(records) == 1000
+
+    async with running_worker(settings) as process:
+        await produce(settings, settings.topic_charges, records)
+        await wait_for(lambda: _done(process, 1000), what="1000 records processed")
+        await wait_for(
+            lambda: _published(settings), what="dead letters published to billing.dlq"
+        )
+        metrics = process.metrics
+
+    assert await fetchval(settings, "SELECT count(*) FROM charges") == 890
+    stored = {
+        (r["flow_id"], r["reference"]): r["amount"]
+        for r in await fetch(settings, "SELECT flow_id, reference, amount FROM charges")
+    }
+    for event in unique[:3]:  # the first payload won; the conflicting one never overwrote it
+        assert stored[(event["flow_id"], event["reference"])] == event["amount"]
+    reasons = {
+        r["reason"]: r["n"]
+        for r in await fetch(settings, "SELECT reason, count(*) AS n FROM dead_letters GROUP BY 1")
+    }
+    assert reasons == {"reference_conflict": 3, "flow_paused": 2, "invalid_json": 2, "invalid_event": 3}
+    conflict_rows = await fetch(settings, "SELECT original_payload, conflicting_payload FROM conflicts")
+    assert len(conflict_rows) == 3
+    for row in conflict_rows:
+        original, conflicting = orjson.loads(row["original_payload"]), orjson.loads(row["conflicting_payload"])
+        assert conflicting["amount"] == original["amount"] + 1
+
+    topic = settings.topic_charges
+    assert _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="recorded") == 890
+    assert _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="duplicate") == 100
+    assert _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="conflict") == 3
+    assert _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="rejected") == 2
+    assert _sample(metrics, "chargeline_events_total", topic=topic, type="unknown", outcome="invalid") == 5
+    for reason, n in reasons.items():
+        assert _sample(metrics, "chargeline_dead_letters_total", reason=reason) == n
+
+    dlq = await consume_all(settings, settings.topic_dlq, expected=10)
+    assert len(dlq) == 10
+    by_reason: dict[str, int] = {}
+    for message in dlq:
+        headers = dict(message.headers)
+        reason = headers["chargeline.reason"].decode()
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+        assert headers["chargeline.source.topic"].decode() == topic
+        assert int(headers["chargeline.source.offset"]) >= 0
+    assert by_reason == reasons
+
+
+async def _done(process, expected: int) -> bool:  # type: ignore[no-untyped-def]
+    return bool(process.loops[0].totals.records >= expected)
+
+
+async def _published(settings: Settings) -> bool:
+    return bool(await fetchval(settings, "SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"))
+
+
+async def test_unknown_flow_and_wrong_key_are_dead_lettered_and_neighbours_applied(settings: Settings) -> None:
+    await setup_pipeline(settings, partitions=1, flows=[("flow_a", "active")])
+    records = [
+        record(charge("flow_a", "c1", "r1")),
+        record(charge("flow_nope", "c1", "r2")),
+        record(charge("flow_a", "c1", "r3"), key="someone-else"),
+        record(charge("flow_a", "c1", "r4")),
+    ]
+    async with running_worker(settings) as process:
+        await produce(settings, settings.topic_charges, records)
+        await wait_for(lambda: _done(process, 4), what="4 records")
+    rows = await fetch(settings, 'SELECT reason, "offset", detail FROM dead_letters ORDER BY "offset"')
+    assert [(r["reason"], r["offset"]) for r in rows] == [("unknown_flow", 1), ("key_mismatch", 2)]
+    assert "flow_nope" in rows[0]["detail"]
+    refs = [r["reference"] for r in await fetch(settings, "SELECT reference FROM charges ORDER BY source_offset")]
+    assert refs == ["r1", "r4"]

@@ -1,0 +1,149 @@
+"""Helpers for tests that drive real servers: produce, consume, run workers, wait."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from workers import db
+from workers.app import WorkerProcess
+from workers.kafka import ensure_topics, make_producer, security_options
+from workers.settings import Settings
+
+Event = dict[str, Any]
+
+
+def charge(flow: str, customer: str, reference: str, amount: int = 100, **extra: Any) -> Event:
+    return {
+        "type": "charge",
+        "flow_id": flow,
+        "customer_ref": customer,
+        "reference": reference,
+        "amount": amount,
+        "currency": extra.pop("currency", "EUR"),
+        **extra,
+    }
+
+
+def record(event: Event | bytes, key: str | bytes | None = None) -> tuple[bytes | None, bytes]:
+    """(key, value) of a Kafka record; the key defaults to the event's customer_ref."""
+    if isinstance(event, bytes):
+        value = event
+    else:
+        value = orjson.dumps(event)
+        if key is None:
+            key = event.get("customer_ref")
+    return (key.encode() if isinstance(key, str) else key), value
+
+
+async def produce(
+    settings: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes]]
+) -> int:
+    producer = make_producer(settings, client_id="test-producer")
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value=v, key=k) for k, v in records]
+        await asyncio.gather(*futures)
+        return len(futures)
+    finally:
+        await producer.stop()
+
+
+async def setup_pipeline(settings: Settings, *, partitions: int = 3, flows: Iterable[tuple[str, str]] = ()) -> None:
+    """Topics with ``partitions`` partitions, and flows as (flow_id, status)."""
+    await ensure_topics(settings, partitions=partitions)
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        for flow_id, status in flows:
+            await conn.execute(db.QUERIES["flow_create"], flow_id, flow_id, "default")
+            await conn.execute(db.QUERIES["flow_set_status"], flow_id, status)
+    finally:
+        await conn.close()
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]], *, timeout: float = 60, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def fetchval(settings: Settings, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+async def fetch(settings: Settings, query: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, *kinds: str) -> AsyncIterator[WorkerProcess]:
+    """A worker process's parts running in this event loop; stopped (drained) on exit."""
+    process = WorkerProcess(settings, kinds or ("all",))
+    task = asyncio.create_task(process.run(install_signal_handlers=False))
+    try:
+        yield process
+    finally:
+        process.stop()
+        await asyncio.wait_for(task, timeout=60)
+
+
+def spawn_worker(env: dict[str, str], *kinds: str, log_path: str | None = None) -> subprocess.Popen[bytes]:
+    """A real worker OS process (`chargeline worker`), for kill and restart tests."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli.main", "worker", *(kinds or ("all",))],
+        env={**os.environ, **env},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def consume_all(
+    settings: Settings, topic: str, *, expected: int, timeout: float = 30
+) -> list[Any]:
+    """Read ``topic`` from the beginning until ``expected`` records (or the timeout)."""
+    consumer = AIOKafkaConsumer(
+        group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+        **security_options(settings),
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while len(records) < expected and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for tp_records in batch.values():
+                records.extend(tp_records)
+        return records
+    finally:
+        await consumer.stop()

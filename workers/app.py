@@ -1,0 +1,125 @@
+"""Process composition: ``main`` only composes. Settings, logger, pool, consumer, workers,
+metrics server and signal handling are built here and shut down in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers import db
+from workers.charges import ChargesHandler
+from workers.http import start_http
+from workers.kafka import make_consumer, make_producer
+from workers.logs import get_logger
+from workers.metrics import Metrics
+from workers.outbox import OutboxRelay
+from workers.runtime import BatchProcessor, ConsumerLoop, Handler
+from workers.settings import Settings
+
+log = get_logger("chargeline.app")
+
+# Worker kinds a process can run. `all` runs every one in one process: ingest handlers
+# share one consumer (one group member), the relay runs beside it on its own connection.
+INGEST_KINDS = ("charges",)
+WORKER_KINDS = ("all", *INGEST_KINDS, "outbox")
+
+
+def build_handlers(settings: Settings, kinds: Sequence[str]) -> list[Handler]:
+    handlers: list[Handler] = []
+    if "charges" in kinds:
+        handlers.append(ChargesHandler(settings.topic_charges))
+    return handlers
+
+
+@dataclass
+class WorkerProcess:
+    """The running parts of one worker process."""
+
+    settings: Settings
+    kinds: tuple[str, ...]
+    metrics: Metrics = field(default_factory=Metrics)
+    loops: list[Any] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for loop in self.loops:
+            loop.stop()
+
+    def is_ready(self) -> bool:
+        return bool(self.loops) and all(loop.ready for loop in self.loops)
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        settings = self.settings
+        kinds = set(INGEST_KINDS + ("outbox",)) if "all" in self.kinds else set(self.kinds)
+        pool = await db.create_pool(settings.dsn, min_size=1, max_size=4)
+        try:
+            handlers = build_handlers(settings, sorted(kinds & set(INGEST_KINDS)))
+            if handlers:
+                processor = BatchProcessor(settings, handlers, self.metrics)
+                consumer = make_consumer(
+                    settings, group_id=settings.consumer_group, client_id="chargeline-ingest"
+                )
+                self.loops.append(
+                    ConsumerLoop(
+                        settings,
+                        pool,
+                        processor,
+                        self.metrics,
+                        consumer,
+                        name="+".join(handler.name for handler in handlers),
+                    )
+                )
+            if "outbox" in kinds:
+                producer = make_producer(settings, client_id="chargeline-outbox")
+                self.loops.append(OutboxRelay(settings, pool, producer, self.metrics))
+            runner = None
+            if settings.metrics_port:
+                runner = await start_http(
+                    self.metrics,
+                    host=settings.metrics_host,
+                    port=settings.metrics_port,
+                    is_ready=self.is_ready,
+                )
+                log.info("metrics_listening", port=settings.metrics_port)
+            if install_signal_handlers:
+                running = asyncio.get_running_loop()
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    running.add_signal_handler(signum, self._on_signal, signum)
+            try:
+                await self._run_loops()
+            finally:
+                if runner is not None:
+                    await runner.cleanup()
+        finally:
+            await pool.close()
+
+    def _on_signal(self, signum: int) -> None:
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        self.stop()
+
+    async def _run_loops(self) -> None:
+        tasks = [asyncio.create_task(loop.run(), name=loop.name) for loop in self.loops]
+        try:
+            # A loop that dies takes the process down: a half-running worker is worse than a
+            # restarted one, and the orchestrator restarts it.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    self.stop()
+                    break
+        finally:
+            self.stop()
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*tasks, return_exceptions=True),
+                    timeout=self.settings.shutdown_timeout_s,
+                )
+            except TimeoutError:
+                log.error("shutdown_timeout", timeout_s=self.settings.shutdown_timeout_s)
+                for task in tasks:
+                    task.cancel()
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]

@@ -1,0 +1,49 @@
+"""Argument parsing with one-line errors and value types shared by every command."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, date, datetime
+from typing import NoReturn
+
+from workers.errors import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one readable line, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def timestamp(text: str) -> datetime:
+    """RFC 3339 with a time zone, a date (midnight UTC), or ``now``."""
+    if text == "now":
+        return datetime.now(UTC)
+    try:
+        if len(text) == 10:
+            return datetime.combine(date.fromisoformat(text), datetime.min.time(), tzinfo=UTC)
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r}: expected RFC 3339 (2026-11-22T10:00:00Z) or a date"
+        ) from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"time {text!r} needs a time zone, e.g. Z or +01:00")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def identifier(text: str) -> str:
+    if not 1 <= len(text) <= 200 or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"expected 1-200 printable characters, got {text!r}")
+    return text

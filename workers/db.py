@@ -1,0 +1,112 @@
+"""Postgres access: the connection pool, named queries from ``.sql`` files, migrations,
+and the classification of errors into transient (back off, retry) and permanent."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+MIGRATIONS_PACKAGE = "schemas"
+MIGRATIONS_DIR = "sql/migrations"
+QUERIES_DIR = Path(__file__).parent / "sql"
+_QUERY_HEADER = re.compile(r"^--\s*name:\s*(?P<name>[a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+# Any constant works; it only has to be the same in every process that migrates.
+_MIGRATION_LOCK_ID = 0x63686172  # "char"
+
+# SQLSTATE classes after which the same transaction can simply be tried again:
+# 08 connection exception, 40 transaction rollback (serialization, deadlock),
+# 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
+_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
+
+
+def load_queries(directory: Path = QUERIES_DIR) -> dict[str, str]:
+    """Every ``-- name: xyz`` block of every ``.sql`` file in ``directory``, by name."""
+    queries: dict[str, str] = {}
+    for path in sorted(directory.glob("*.sql")):
+        text = path.read_text()
+        headers = list(_QUERY_HEADER.finditer(text))
+        for header, following in zip(headers, [*headers[1:], None], strict=True):
+            end = following.start() if following else len(text)
+            name = header.group("name")
+            if name in queries:
+                raise ValueError(f"query {name!r} defined twice (second time in {path.name})")
+            queries[name] = text[header.end() : end].strip()
+    return queries
+
+
+QUERIES: Mapping[str, str] = load_queries()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures of the database *service* (retry later), false for bugs and data."""
+    if isinstance(exc, OSError | ConnectionError | asyncio.TimeoutError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        # "connection is closed", "connection was closed in the middle of operation".
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    return False
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    """A pool whose connections fail fast, so an outage shows as an error, not a hang."""
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=10,
+        command_timeout=120,
+        max_inactive_connection_lifetime=60,
+        server_settings={"application_name": "chargeline"},
+    )
+    assert pool is not None
+    return pool
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """(version, sql) of every migration, in order."""
+    folder = resources.files(MIGRATIONS_PACKAGE).joinpath(MIGRATIONS_DIR)
+    files = sorted(
+        (entry for entry in folder.iterdir() if entry.name.endswith(".sql")),
+        key=lambda entry: entry.name,
+    )
+    return [(entry.name.removesuffix(".sql"), entry.read_text()) for entry in files]
+
+
+async def migrate(dsn: str) -> list[str]:
+    """Apply the migrations not yet applied, each in its own transaction; return their names.
+
+    Safe to run from several processes at once: an advisory lock serialises them.
+    """
+    conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    applied: list[str] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_ID)
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version text PRIMARY KEY,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, sql in migration_files():
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            applied.append(version)
+    finally:
+        await conn.close()
+    return applied
+
+
+def record_to_dict(record: asyncpg.Record) -> dict[str, Any]:
+    return dict(record.items())

@@ -1,0 +1,138 @@
+"""Step 2: deduplicate by reference, inside the batch and against what Postgres holds.
+
+A handler applies only the *first* occurrence of each dedup key in a batch and tells, for
+each, what Postgres now holds for that key (``Verdict``). Every later occurrence in the
+batch is then judged against the same stored payload, so within a batch and across batches
+the rule is one: same key and same payload is a duplicate, same key and another payload a
+conflict, and the first stored payload always wins.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from enum import StrEnum
+
+from workers.parse import Conflict, Parsed, Rejected
+
+
+class Outcome(StrEnum):
+    """What happened to one input event (the ``outcome`` label of chargeline_events)."""
+
+    RECORDED = "recorded"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+    INVALID = "invalid"  # malformed: could not become an event
+    REJECTED = "rejected"  # a valid event the pipeline refuses (unknown or paused flow)
+
+
+@dataclass(slots=True, frozen=True)
+class Stored:
+    """What Postgres already holds for a dedup key."""
+
+    fingerprint: bytes
+    payload: str  # JSON text, kept beside a conflict
+
+
+@dataclass(slots=True, frozen=True)
+class Verdict:
+    """A handler's answer for the first occurrence of a key.
+
+    ``recorded``: this event was applied now. Otherwise ``stored`` is what Postgres already
+    held for the key, or ``rejection`` (reason, detail) says why it was not applied.
+    """
+
+    recorded: bool = False
+    stored: Stored | None = None
+    rejection: tuple[str, str] | None = None
+
+
+RECORDED = Verdict(recorded=True)
+
+
+def first_occurrences(events: list[Parsed]) -> tuple[list[Parsed], list[tuple[Parsed, int]]]:
+    """Split events into the first of each dedup key (in order) and the repeats, each with
+    the index of its first occurrence in the returned list."""
+    firsts: list[Parsed] = []
+    repeats: list[tuple[Parsed, int]] = []
+    index_of: dict[tuple[str, str, str], int] = {}
+    for parsed in events:
+        # The event type is part of the key: a usage and a grant may share a reference.
+        key = (parsed.event_type, *parsed.dedup_key)
+        first = index_of.get(key)
+        if first is None:
+            index_of[key] = len(firsts)
+            firsts.append(parsed)
+        else:
+            repeats.append((parsed, first))
+    return firsts, repeats
+
+
+@dataclass(slots=True)
+class Judgement:
+    """Outcome counts and the events to dead-letter, for one batch."""
+
+    counts: Counter[tuple[str, str, str]]  # (topic, type, outcome) -> events
+    dead: list[Rejected]
+
+
+def judge(
+    firsts: list[Parsed], verdicts: list[Verdict], repeats: list[tuple[Parsed, int]]
+) -> Judgement:
+    """Turn the handler's verdicts into an outcome for every event of the batch."""
+    if len(verdicts) != len(firsts):
+        raise ValueError(f"{len(verdicts)} verdicts for {len(firsts)} events")
+    counts: Counter[tuple[str, str, str]] = Counter()
+    dead: list[Rejected] = []
+    # What Postgres holds for each first occurrence after this batch (None: nothing stored).
+    held: list[Stored | None] = []
+    for parsed, verdict in zip(firsts, verdicts, strict=True):
+        if verdict.recorded:
+            held.append(Stored(parsed.fingerprint, parsed.payload.decode()))
+            _count(counts, parsed, Outcome.RECORDED)
+        elif verdict.stored is not None:
+            held.append(verdict.stored)
+            _same_or_conflict(parsed, verdict.stored, counts, dead)
+        else:
+            held.append(None)
+            assert verdict.rejection is not None, "a verdict must record, hold or reject"
+            reason, detail = verdict.rejection
+            dead.append(Rejected(parsed.record, reason, detail, parsed.event_type))
+            _count(counts, parsed, Outcome.REJECTED)
+    for parsed, first in repeats:
+        stored = held[first]
+        if stored is not None:
+            _same_or_conflict(parsed, stored, counts, dead)
+        else:
+            # The first was refused (an unknown flow, say); so is every copy of it.
+            rejection = verdicts[first].rejection
+            assert rejection is not None
+            dead.append(Rejected(parsed.record, *rejection, parsed.event_type))
+            _count(counts, parsed, Outcome.REJECTED)
+    return Judgement(counts, dead)
+
+
+def _same_or_conflict(
+    parsed: Parsed,
+    stored: Stored,
+    counts: Counter[tuple[str, str, str]],
+    dead: list[Rejected],
+) -> None:
+    if parsed.fingerprint == stored.fingerprint:
+        _count(counts, parsed, Outcome.DUPLICATE)
+        return
+    key = "/".join(parsed.dedup_key)
+    dead.append(
+        Rejected(
+            parsed.record,
+            "reference_conflict",
+            f"{parsed.event_type} {key} was first recorded with another payload",
+            parsed.event_type,
+            conflict=Conflict(parsed.dedup_key, stored.payload, parsed.payload.decode()),
+        )
+    )
+    _count(counts, parsed, Outcome.CONFLICT)
+
+
+def _count(counts: Counter[tuple[str, str, str]], parsed: Parsed, outcome: Outcome) -> None:
+    counts[(parsed.record.topic, parsed.event_type, outcome.value)] += 1

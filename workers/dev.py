@@ -1,0 +1,226 @@
+"""``chargeline dev`` / ``make run``: the whole pipeline on one machine, with a demo load.
+
+Starts Postgres, a Kafka-protocol broker and the Stripe stand-in locally (or uses the
+servers named by CHARGELINE_DATABASE_URL and CHARGELINE_KAFKA_BOOTSTRAP_SERVERS), migrates,
+creates topics and flows, runs the workers in this process, publishes a demo load that
+exercises every path of a charge, waits until it is all processed, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from workers import db
+from workers.app import WorkerProcess
+from workers.kafka import ensure_topics, make_producer
+from workers.logs import configure_logging, get_logger
+from workers.settings import Settings, mask_url
+
+log = get_logger("chargeline.dev")
+console = Console()
+
+DEMO_FLOWS = [
+    ("flow_images", "Image processing", "studio-north", "active"),
+    ("flow_reports", "One-off reports", "studio-north", "active"),
+    ("flow_api", "Pro workspace usage", "default", "active"),
+    ("flow_legacy", "Legacy exports", "default", "paused"),
+]
+
+
+@dataclass
+class DemoLoad:
+    """The demo records, and what a correct pipeline must make of them."""
+
+    records: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    expected: Counter[str] = field(default_factory=Counter)
+
+
+def build_demo_load(seed: int = 7, charges: int = 400) -> DemoLoad:
+    rng = random.Random(seed)
+    run = uuid.uuid4().hex[:8]  # fresh references per run: a second `make run` adds new charges
+    load = DemoLoad()
+    now = datetime.now(UTC)
+    currencies = ["EUR", "EUR", "USD", "JPY", "KWD"]
+    active = [flow for flow, _, _, status in DEMO_FLOWS if status == "active"]
+    unique: list[dict[str, Any]] = []
+    for n in range(charges):
+        customer = f"user_{rng.randint(1, 40):03d}"
+        currency = rng.choice(currencies)
+        unique.append({
+            "type": "charge",
+            "flow_id": rng.choice(active),
+            "customer_ref": customer,
+            "reference": f"demo-{run}-{n:05d}",
+            "amount": rng.randint(1, 5000) * (1 if currency != "JPY" else 10),
+            "currency": currency,
+            "metadata": {"job_id": str(n), "source": "chargeline-dev"},
+            "occurred_at": (now - timedelta(seconds=charges - n)).isoformat().replace("+00:00", "Z"),
+        })
+
+    def add(event: dict[str, Any] | bytes, outcome: str, key: str | None = None) -> None:
+        value = event if isinstance(event, bytes) else orjson.dumps(event)
+        if key is None and isinstance(event, dict):
+            key = event["customer_ref"]
+        load.records.append((key.encode() if key else None, value))
+        load.expected[outcome] += 1
+
+    for event in unique:
+        add(event, "recorded")
+    for event in rng.sample(unique, charges // 10):  # producers retrying: exact duplicates
+        add(event, "duplicate")
+    conflicting = dict(unique[3], amount=unique[3]["amount"] + 1)  # same reference, new amount
+    add(conflicting, "conflict")
+    for n in range(2):
+        add(dict(unique[n], flow_id="flow_legacy", reference=f"demo-{run}-legacy-{n}"), "flow_paused")
+    add(dict(unique[5], flow_id="flow_missing", reference=f"demo-{run}-missing"), "unknown_flow")
+    add(b'{"type": "charge", "amount": 100, ', "invalid_json", key="user_001")
+    add(dict(unique[6], reference=f"demo-{run}-float", amount=100.0), "invalid_event")
+    rng.shuffle(load.records)
+    return load
+
+
+async def _prepare(settings: Settings) -> None:
+    await db.migrate(settings.dsn)
+    await ensure_topics(settings)
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        for flow_id, name, payee, status in DEMO_FLOWS:
+            await conn.execute(db.QUERIES["flow_create"], flow_id, name, payee)
+            await conn.execute(db.QUERIES["flow_set_status"], flow_id, status)
+    finally:
+        await conn.close()
+
+
+async def _publish(settings: Settings, load: DemoLoad) -> None:
+    producer = make_producer(settings, client_id="chargeline-dev")
+    await producer.start()
+    try:
+        sends = [
+            await producer.send(settings.topic_charges, value=value, key=key)
+            for key, value in load.records
+        ]
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+
+
+async def _wait_until_processed(process: WorkerProcess, expected: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    ingest, relay = process.loops[0], process.loops[1]
+    while time.monotonic() < deadline:
+        if ingest.totals.records >= expected and process.metrics.outbox_depth._value.get() == 0:
+            return True
+        await asyncio.sleep(0.2)
+    del relay
+    return False
+
+
+async def _summary(settings: Settings, process: WorkerProcess, load: DemoLoad, elapsed: float) -> None:
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        flows = await conn.fetch(db.QUERIES["flow_list"], None)
+        reasons = await conn.fetch(
+            "SELECT reason, count(*) AS n FROM dead_letters GROUP BY reason ORDER BY reason"
+        )
+        conflicts = await conn.fetchval("SELECT count(*) FROM conflicts")
+        unpublished = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+    finally:
+        await conn.close()
+    totals = process.loops[0].totals.outcome_totals()
+
+    table = Table(title="chargeline dev: demo load processed")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_column("expected", justify="right")
+    table.add_row("records published", str(len(load.records)), "")
+    table.add_row("charges recorded", str(totals["recorded"]), str(load.expected["recorded"]))
+    table.add_row("exact duplicates (not applied again)", str(totals["duplicate"]),
+                  str(load.expected["duplicate"]))
+    table.add_row("conflicts (same reference, other payload)", str(totals["conflict"]),
+                  str(load.expected["conflict"]))
+    for row in reasons:
+        table.add_row(f"dead letters: {row['reason']}", str(row["n"]), str(load.expected[row["reason"]]))
+    table.add_row("conflicts kept with both payloads", str(conflicts), "")
+    table.add_row("dead letters still to publish on billing.dlq", str(unpublished), "0")
+    console.print(table)
+
+    flow_table = Table(title="flows")
+    for column in ("flow", "payee", "status", "charges", "amounts", "last charge"):
+        flow_table.add_column(column)
+    for row in flows:
+        amounts = orjson.loads(row["amounts"]) if isinstance(row["amounts"], str) else row["amounts"]
+        flow_table.add_row(
+            row["flow_id"], row["payee_ref"], row["status"], str(row["charge_count"]),
+            ", ".join(f"{amount} {currency}" for currency, amount in sorted(amounts.items())),
+            row["last_charge_at"].isoformat(timespec="seconds") if row["last_charge_at"] else "",
+        )
+    console.print(flow_table)
+    metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
+    console.print(
+        f"Processed in {elapsed:.1f}s.  Postgres: {mask_url(settings.dsn)}  "
+        f"Kafka: {settings.kafka_bootstrap_servers}  Metrics: {metrics}\n"
+        "Look around: chargeline charges list | flows list | dlq list  (with the same "
+        "CHARGELINE_* variables; `chargeline dev --keep-running` keeps the stack up)."
+    )
+
+
+async def run_dev(settings: Settings, *, keep_running: bool = False) -> int:
+    stack = None
+    if not (os.environ.get("CHARGELINE_DATABASE_URL") and os.environ.get("CHARGELINE_KAFKA_BOOTSTRAP_SERVERS")):
+        from workers.devstack import LocalStack
+
+        console.print("Starting the embedded stack: Postgres, Tansu (Kafka protocol), localstripe...")
+        stack = await asyncio.to_thread(LocalStack.start)
+        settings = settings.model_copy(update=_stack_settings(stack))
+    if settings.log_format == "json" and console.is_terminal:
+        settings = settings.model_copy(update={"log_format": "console"})
+    configure_logging("warning" if not keep_running else settings.log_level, settings.log_format)
+    try:
+        await _prepare(settings)
+        load = build_demo_load()
+        process = WorkerProcess(settings, ("all",))
+        started = time.monotonic()
+        task = asyncio.create_task(process.run(install_signal_handlers=keep_running))
+        await _publish(settings, load)
+        console.print(f"Published {len(load.records)} demo records to {settings.topic_charges}.")
+        done = await _wait_until_processed(process, len(load.records), timeout=120)
+        elapsed = time.monotonic() - started
+        if keep_running:
+            await _summary(settings, process, load, elapsed)
+            console.print("Workers keep running; Ctrl-C to stop.")
+            await task
+            return 0
+        process.stop()
+        await task
+        await _summary(settings, process, load, elapsed)
+        totals = process.loops[0].totals.outcome_totals()
+        ok = done and all(
+            totals[o] == load.expected[o] for o in ("recorded", "duplicate", "conflict")
+        )
+        if not ok:
+            console.print("[red]The demo did not come out as expected; see the logs above.[/red]")
+        return 0 if ok else 1
+    finally:
+        if stack is not None:
+            await asyncio.to_thread(stack.stop)
+
+
+def _stack_settings(stack: Any) -> dict[str, Any]:
+    env = stack.env()
+    return Settings(**{k.removeprefix("CHARGELINE_").lower(): v for k, v in env.items()}).model_dump(
+        include={"database_url", "kafka_bootstrap_servers", "kafka_idempotent_producer",
+                 "stripe_api_base", "stripe_api_key"}
+    )

@@ -1,0 +1,110 @@
+"""Kafka clients built from settings: consumers with manual offsets, producers with acks=all,
+the topic list, and `topics ensure`."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from workers.settings import Settings
+
+
+def security_options(settings: Settings) -> dict[str, Any]:
+    """Connection security shared by every client (SASL/SCRAM, PLAIN, TLS)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    if settings.kafka_security_protocol.startswith("SASL"):
+        assert settings.kafka_sasl_password is not None
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return options
+
+
+def input_topics(settings: Settings) -> dict[str, str]:
+    return {"charges": settings.topic_charges, "usage": settings.topic_usage}
+
+
+def all_topics(settings: Settings) -> list[str]:
+    return [
+        settings.topic_charges,
+        settings.topic_usage,
+        settings.topic_alerts,
+        settings.topic_payouts,
+        settings.topic_dlq,
+    ]
+
+
+def make_consumer(
+    settings: Settings,
+    *topics: str,
+    group_id: str | None,
+    max_records: int | None = None,
+    client_id: str = "chargeline",
+) -> AIOKafkaConsumer:
+    """A consumer that never commits by itself: offsets move only after the database commit."""
+    max_bytes = max(settings.max_event_bytes * 4, 1 << 20)
+    return AIOKafkaConsumer(
+        *topics,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_poll_records=max_records or settings.batch_max_records,
+        # A batch may have to wait out a Postgres outage before it commits; stay in the group.
+        max_poll_interval_ms=600_000,
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=3_000,
+        fetch_max_bytes=max(52_428_800, max_bytes),
+        max_partition_fetch_bytes=max_bytes,
+        **security_options(settings),
+    )
+
+
+def make_producer(settings: Settings, *, client_id: str = "chargeline") -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=settings.kafka_idempotent_producer,
+        linger_ms=5,
+        max_batch_size=1 << 20,
+        max_request_size=max(settings.max_event_bytes * 2, 1 << 20),
+        **security_options(settings),
+    )
+
+
+async def ensure_topics(
+    settings: Settings, partitions: int | None = None, replication_factor: int | None = None
+) -> list[str]:
+    """Create the missing topics; return the names created."""
+    admin = AIOKafkaAdminClient(**security_options(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [name for name in all_topics(settings) if name not in existing]
+        if not wanted:
+            return []
+        new = [
+            NewTopic(
+                name,
+                num_partitions=partitions or settings.topic_partitions,
+                replication_factor=replication_factor or settings.topic_replication_factor,
+            )
+            for name in wanted
+        ]
+        try:
+            await admin.create_topics(new)
+        except TopicAlreadyExistsError:
+            pass
+        return wanted
+    finally:
+        await admin.close()

@@ -1,0 +1,87 @@
+"""Every Prometheus metric chargeline exports, on one injected registry.
+
+Workers receive a ``Metrics`` instance instead of touching module-level globals, so a test
+can build its own registry and read exact counter values.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics:
+    """The metrics of one process. Names are ``chargeline_*`` (SPEC.md section 10)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "chargeline_events",
+            "Input events by topic, type and outcome "
+            "(recorded, duplicate, conflict, invalid, rejected).",
+            ["topic", "type", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "chargeline_dead_letters", "Dead letters recorded, by reason.", ["reason"], registry=r
+        )
+        self.batch_size = Histogram(
+            "chargeline_batch_size",
+            "Records per applied batch.",
+            ["worker"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            "chargeline_batch_duration_seconds",
+            "Time to apply one batch: parse, database transaction, offset commit.",
+            ["worker"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.event_lag = Histogram(
+            "chargeline_event_lag_seconds",
+            "Database commit time minus the record's timestamp.",
+            ["topic"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "chargeline_consumer_lag",
+            "Records between the consumer's position and the partition's high watermark.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "chargeline_retries",
+            "Retries after infrastructure failures, by component (postgres, kafka, stripe).",
+            ["component"],
+            registry=r,
+        )
+        self.outbox_published = Counter(
+            "chargeline_outbox_published",
+            "Outbox rows published to Kafka, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "chargeline_outbox_depth", "Outbox rows not yet published.", registry=r
+        )
+        self.outbox_oldest_age = Gauge(
+            "chargeline_outbox_oldest_age_seconds",
+            "Age of the oldest unpublished outbox row (0 when empty).",
+            registry=r,
+        )
+        self.alerts = Counter(
+            "chargeline_alerts", "Alerts written to the outbox, by type.", ["type"], registry=r
+        )
+        self.ready = Gauge(
+            "chargeline_worker_ready",
+            "1 when the worker's consumer is assigned and its database reachable.",
+            ["worker"],
+            registry=r,
+        )

@@ -1,0 +1,141 @@
+"""Step 4, emit: the relay that publishes outbox rows to Kafka at least once.
+
+Rows were written in the same transaction as the change they report; the relay reads them
+oldest first, publishes them with acks=all, waits for every acknowledgement, and only then
+marks them published. A crash in between publishes some rows twice, never zero times;
+consumers dedupe on the stable ids inside (``alert_id``, ``payout_id``, source position).
+
+One relay publishes at a time (a Postgres advisory lock held by its session), so per-key
+order on the output topics is the commit order. Other relays wait as hot standbys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from workers import db
+from workers.deadletters import decode_headers
+from workers.logs import get_logger
+from workers.metrics import Metrics
+from workers.retry import Stopping, retry_transient
+from workers.runtime import kafka_is_transient
+from workers.settings import Settings
+
+log = get_logger("chargeline.outbox")
+_LEADER_LOCK_ID = 0x6F7574626F78  # "outbox"
+
+
+def _transient(exc: BaseException) -> bool:
+    return db.is_transient(exc) or kafka_is_transient(exc)
+
+
+class OutboxRelay:
+    """Publishes outbox rows; never on the ingest path (its own connection and task)."""
+
+    name = "outbox"
+
+    def __init__(self, settings: Settings, pool: Any, producer: Any, metrics: Metrics) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.producer = producer
+        self.metrics = metrics
+        self.stopping = asyncio.Event()
+        self.started = asyncio.Event()
+        self.published = 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.started.is_set() and not self.stopping.is_set()
+
+    async def run(self) -> None:
+        await retry_transient(
+            self.producer.start,
+            is_transient=kafka_is_transient,
+            component="kafka",
+            settings=self.settings,
+            metrics=self.metrics,
+            stopping=self.stopping,
+        )
+        self.started.set()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    await retry_transient(
+                        self._lead_and_publish,
+                        is_transient=_transient,
+                        component="outbox",
+                        settings=self.settings,
+                        metrics=self.metrics,
+                        stopping=self.stopping,
+                    )
+                except Stopping:
+                    break
+        finally:
+            await self.producer.stop()
+            log.info("outbox_relay_stopped", published=self.published)
+
+    async def _lead_and_publish(self) -> None:
+        """Hold the leader lock on one connection and publish until stopped."""
+        async with self.pool.acquire() as conn:
+            while not await conn.fetchval(db.QUERIES["outbox_try_lead"], _LEADER_LOCK_ID):
+                if await self._sleep(1.0):
+                    return
+            log.info("outbox_relay_leading")
+            try:
+                while not self.stopping.is_set():
+                    published = await self.publish_once(conn)
+                    await self._refresh_stats(conn)
+                    if published < self.settings.outbox_batch_size and await self._sleep(
+                        self.settings.outbox_poll_ms / 1000
+                    ):
+                        return
+            finally:
+                if not conn.is_closed():
+                    await conn.execute("SELECT pg_advisory_unlock($1::bigint)", _LEADER_LOCK_ID)
+
+    async def publish_once(self, conn: Any) -> int:
+        """Publish one page of unpublished rows; return how many."""
+        rows = await conn.fetch(db.QUERIES["outbox_next"], self.settings.outbox_batch_size)
+        if not rows:
+            return 0
+        sends = [
+            await self.producer.send(
+                row["topic"],
+                value=row["record_value"],
+                key=row["record_key"],
+                headers=decode_headers(row["headers"]),
+            )
+            for row in rows
+        ]
+        await asyncio.gather(*sends)
+        await conn.execute(db.QUERIES["outbox_mark_published"], [row["outbox_id"] for row in rows])
+        kinds = Counter(row["kind"] for row in rows)
+        for kind, n in kinds.items():
+            self.metrics.outbox_published.labels(kind=kind).inc(n)
+        self.published += len(rows)
+        log.debug(
+            "outbox_published",
+            rows=len(rows),
+            first_id=rows[0]["outbox_id"],
+            last_id=rows[-1]["outbox_id"],
+            kinds=dict(kinds),
+        )
+        return len(rows)
+
+    async def _refresh_stats(self, conn: Any) -> None:
+        stats = await conn.fetchrow(db.QUERIES["outbox_stats"])
+        self.metrics.outbox_depth.set(stats["depth"])
+        self.metrics.outbox_oldest_age.set(stats["oldest_age_s"])
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopping; True when stopping."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True

@@ -1,0 +1,334 @@
+"""The worker runtime every consuming worker shares: parse, dedupe, apply, emit, commit.
+
+``BatchProcessor`` turns one batch of records into one Postgres transaction (used by the live
+loop and by replay). ``ConsumerLoop`` feeds it from a consumer group and moves the group's
+offsets only after the database commit. Exactly-once *effect* comes from the pair: effects
+are keyed by permanent dedup keys and dead letters by source position, so a batch delivered
+twice (a crash between the database commit and the offset commit, a stale worker after a
+rebalance) changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+    RebalanceInProgressError,
+)
+
+from workers import db
+from workers.deadletters import record_dead_letters
+from workers.dedupe import Verdict, first_occurrences, judge
+from workers.logs import get_logger
+from workers.metrics import Metrics
+from workers.parse import Parsed, Record, Rejected, parse_records
+from workers.retry import Stopping, retry_transient
+from workers.settings import Settings
+
+log = get_logger("chargeline.runtime")
+
+
+class Handler(Protocol):
+    """Applies the valid events of one topic inside the batch's transaction."""
+
+    name: str
+    topic: str
+    accepted_types: frozenset[str]
+
+    async def apply(self, conn: Any, events: list[Parsed]) -> list[Verdict]:
+        """Apply the first occurrence of each dedup key; one verdict per event, in order."""
+        ...
+
+
+@dataclass
+class BatchResult:
+    records: int = 0
+    counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    # Next offset to read per partition: what the consumer group may commit.
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def add(self, other: BatchResult) -> None:
+        self.records += other.records
+        self.counts.update(other.counts)
+        self.dead_letters.update(other.dead_letters)
+        self.next_offsets.update(other.next_offsets)
+
+    def outcome_totals(self) -> Counter[str]:
+        totals: Counter[str] = Counter()
+        for (_topic, _type, outcome), n in self.counts.items():
+            totals[outcome] += n
+        return totals
+
+
+class BatchProcessor:
+    """One batch, one transaction: 1. parse, 2. dedupe, 3. apply, 4. dead-letter and emit."""
+
+    def __init__(self, settings: Settings, handlers: Sequence[Handler], metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.handlers = {handler.topic: handler for handler in handlers}
+
+    @property
+    def topics(self) -> list[str]:
+        return list(self.handlers)
+
+    def prepare(
+        self, records: Sequence[Record]
+    ) -> list[tuple[Handler, list[Parsed], list[Rejected]]]:
+        """Parse per topic; pure CPU work done once, outside any retry."""
+        by_topic: dict[str, list[Record]] = {}
+        for record in records:
+            by_topic.setdefault(record.topic, []).append(record)
+        prepared = []
+        for topic, topic_records in by_topic.items():
+            handler = self.handlers[topic]
+            parsed, rejected = parse_records(
+                topic_records,
+                accepted_types=handler.accepted_types,
+                max_event_bytes=self.settings.max_event_bytes,
+            )
+            prepared.append((handler, parsed, rejected))
+        return prepared
+
+    async def apply(
+        self, conn: Any, prepared: list[tuple[Handler, list[Parsed], list[Rejected]]]
+    ) -> BatchResult:
+        """Steps 2-4 on ``conn``, inside a transaction the caller owns."""
+        result = BatchResult()
+        dead: list[Rejected] = []
+        for handler, parsed, rejected in prepared:
+            firsts, repeats = first_occurrences(parsed)
+            verdicts = await handler.apply(conn, firsts)
+            judgement = judge(firsts, verdicts, repeats)
+            result.counts.update(judgement.counts)
+            for invalid in rejected:
+                result.counts[
+                    (invalid.record.topic, invalid.event_type, _invalid_outcome(invalid))
+                ] += 1
+            dead += rejected
+            dead += judgement.dead
+        result.dead_letters = await record_dead_letters(
+            conn, dead, dlq_topic=self.settings.topic_dlq
+        )
+        return result
+
+    async def process(
+        self, pool: Any, records: Sequence[Record], *, stopping: asyncio.Event | None = None
+    ) -> BatchResult:
+        """Apply a batch in one transaction, retrying the whole transaction on outages."""
+        prepared = self.prepare(records)
+
+        async def attempt() -> BatchResult:
+            async with pool.acquire() as conn, conn.transaction():
+                return await self.apply(conn, prepared)
+
+        result = await retry_transient(
+            attempt,
+            is_transient=db.is_transient,
+            component="postgres",
+            settings=self.settings,
+            metrics=self.metrics,
+            stopping=stopping,
+        )
+        result.records = len(records)
+        result.next_offsets = next_offsets(records)
+        return result
+
+
+def _invalid_outcome(rejected: Rejected) -> str:
+    # A record that parsed into an event but broke a routing rule is refused, not malformed.
+    return "rejected" if rejected.event_type != "unknown" else "invalid"
+
+
+def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
+    offsets: dict[TopicPartition, int] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        if record.offset + 1 > offsets.get(tp, -1):
+            offsets[tp] = record.offset + 1
+    return offsets
+
+
+_TRANSIENT_KAFKA = (KafkaConnectionError, asyncio.TimeoutError)
+
+
+def kafka_is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, CommitFailedError | IllegalStateError | RebalanceInProgressError):
+        return False  # the partitions moved on; the new owner re-reads, dedup absorbs it
+    if isinstance(exc, _TRANSIENT_KAFKA):
+        return True
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+
+
+class ConsumerLoop:
+    """Consume, process, commit, until asked to stop; then drain and leave the group."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: Any,
+        processor: BatchProcessor,
+        metrics: Metrics,
+        consumer: Any,
+        *,
+        name: str,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.processor = processor
+        self.metrics = metrics
+        self.consumer = consumer
+        self.name = name
+        self.stopping = asyncio.Event()
+        self.started = asyncio.Event()
+        # Held while a batch is between fetch and offset commit; a rebalance waits for it.
+        self.batch_lock = asyncio.Lock()
+        self.totals = BatchResult()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.started.is_set() and not self.stopping.is_set()
+
+    async def run(self) -> None:
+        listener = _RebalanceListener(self)
+        self.consumer.subscribe(self.processor.topics, listener=listener)
+        await retry_transient(
+            self.consumer.start,
+            is_transient=kafka_is_transient,
+            component="kafka",
+            settings=self.settings,
+            metrics=self.metrics,
+            stopping=self.stopping,
+        )
+        self.started.set()
+        self.metrics.ready.labels(worker=self.name).set(1)
+        log.info("worker_started", worker=self.name, topics=self.processor.topics)
+        try:
+            while not self.stopping.is_set():
+                batches = await self.consumer.getmany(
+                    timeout_ms=self.settings.batch_max_wait_ms,
+                    max_records=self.settings.batch_max_records,
+                )
+                records = [record for tp_records in batches.values() for record in tp_records]
+                if records:
+                    async with self.batch_lock:
+                        await self._handle(records)
+                self._update_lag()
+        except Stopping as exc:
+            log.warning("worker_stopped_with_batch_unapplied", worker=self.name, reason=str(exc))
+        finally:
+            self.metrics.ready.labels(worker=self.name).set(0)
+            await self.consumer.stop()
+            log.info(
+                "worker_stopped",
+                worker=self.name,
+                records=self.totals.records,
+                outcomes=dict(self.totals.outcome_totals()),
+            )
+
+    async def _handle(self, records: list[Record]) -> None:
+        started = time.monotonic()
+        # 1. persist in one transaction (retried as a whole while Postgres is down);
+        result = await self.processor.process(self.pool, records, stopping=self.stopping)
+        committed_at = time.time()
+        # 2. then commit offsets. A crash between the two redelivers a batch whose effects
+        #    are all keyed: the second delivery is counted as duplicates and changes nothing.
+        await self._commit(result.next_offsets)
+        self._observe(records, result, time.monotonic() - started, committed_at)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await retry_transient(
+                lambda: self.consumer.commit(offsets),
+                is_transient=kafka_is_transient,
+                component="kafka",
+                settings=self.settings,
+                metrics=self.metrics,
+                stopping=self.stopping,
+                max_attempts=20,
+            )
+        except (KafkaError, Stopping) as exc:
+            # Safe to move on: the batch is in Postgres, and a redelivery is a duplicate.
+            log.warning(
+                "offset_commit_skipped",
+                worker=self.name,
+                error=f"{type(exc).__name__}: {exc}",
+                offsets={f"{tp.topic}[{tp.partition}]": off for tp, off in offsets.items()},
+            )
+
+    def _observe(
+        self, records: list[Record], result: BatchResult, duration: float, committed_at: float
+    ) -> None:
+        self.totals.add(result)
+        m = self.metrics
+        m.batch_size.labels(worker=self.name).observe(len(records))
+        m.batch_duration.labels(worker=self.name).observe(duration)
+        for (topic, event_type, outcome), n in result.counts.items():
+            m.events.labels(topic=topic, type=event_type, outcome=outcome).inc(n)
+        for reason, n in result.dead_letters.items():
+            m.dead_letters.labels(reason=reason).inc(n)
+        lag_by_topic: dict[str, Any] = {}
+        for record in records:
+            histogram = lag_by_topic.get(record.topic)
+            if histogram is None:
+                histogram = lag_by_topic[record.topic] = m.event_lag.labels(topic=record.topic)
+            histogram.observe(max(0.0, committed_at - record.timestamp / 1000))
+        ranges: dict[str, list[int]] = {}
+        for record in records:
+            span = ranges.setdefault(
+                f"{record.topic}[{record.partition}]", [record.offset, record.offset]
+            )
+            span[0] = min(span[0], record.offset)
+            span[1] = max(span[1], record.offset)
+        log.info(
+            "batch_flushed",
+            worker=self.name,
+            records=len(records),
+            offsets={position: f"{lo}-{hi}" for position, (lo, hi) in ranges.items()},
+            outcomes=dict(result.outcome_totals()),
+            dead_letters=dict(result.dead_letters),
+            duration_ms=round(duration * 1000, 1),
+        )
+
+    def _update_lag(self) -> None:
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            position = self.totals.next_offsets.get(tp)
+            if highwater is not None and position is not None:
+                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(0, highwater - position)
+                )
+
+
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, loop: ConsumerLoop) -> None:
+        self.loop = loop
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Let the batch in flight finish its database and offset commits before the
+        # partitions move, so the next owner starts where this one stopped.
+        async with self.loop.batch_lock:
+            log.info("partitions_revoked", worker=self.loop.name, partitions=_names(revoked))
+            for tp in revoked:
+                self.loop.totals.next_offsets.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("partitions_assigned", worker=self.loop.name, partitions=_names(assigned))
+
+
+def _names(partitions: set[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)

@@ -1,0 +1,132 @@
+"""One settings class for every process: environment variables prefixed ``CHARGELINE_``.
+
+The names in SPEC.md section 11 are fixed (deployments depend on them); the tuning knobs
+below them are ours and listed in the README. What the algorithm depends on (manual offset
+commits, read-committed isolation of the consumer) is hard-coded where it is used, not
+exposed here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogFormat = Literal["json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+class Settings(BaseSettings):
+    """Configuration of a chargeline process; every field is ``CHARGELINE_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CHARGELINE_",
+        case_sensitive=False,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- servers (names fixed by SPEC.md section 11) ---
+    database_url: SecretStr = Field(
+        default=SecretStr("postgresql://chargeline@127.0.0.1:5432/chargeline"),
+        description="postgresql://... of the system of record.",
+    )
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", description="host:port[,host:port]"
+    )
+    kafka_security_protocol: SecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_idempotent_producer: bool = Field(
+        default=True,
+        description="Producer idempotence; on for Apache Kafka, off for brokers that lack "
+        "InitProducerId (the embedded Tansu broker).",
+    )
+
+    topic_charges: str = "billing.charges"
+    topic_usage: str = "billing.usage"
+    topic_alerts: str = "billing.alerts"
+    topic_payouts: str = "billing.payouts"
+    topic_dlq: str = "billing.dlq"
+    topic_partitions: int = Field(default=6, ge=1, description="Partitions for `topics ensure`.")
+    topic_replication_factor: int = Field(default=1, ge=1)
+
+    consumer_group: str = "chargeline"
+
+    stripe_api_key: SecretStr = SecretStr("sk_test_chargeline")
+    stripe_api_base: str | None = None
+
+    metrics_port: int = Field(default=9464, ge=0, le=65535, description="0 disables /metrics.")
+    metrics_host: str = "0.0.0.0"  # noqa: S104 -- a worker's metrics must be scrapable from outside its pod.
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "json"
+
+    # --- batching and back-off ---
+    batch_max_records: int = Field(default=5000, ge=1, le=100_000)
+    batch_max_wait_ms: int = Field(default=100, ge=1, le=60_000)
+    max_event_bytes: int = Field(
+        default=65_536, ge=1024, description="Records larger than this are dead-lettered."
+    )
+    retry_initial_ms: int = Field(default=200, ge=1)
+    retry_max_ms: int = Field(default=10_000, ge=1)
+    outbox_batch_size: int = Field(default=1000, ge=1)
+    outbox_poll_ms: int = Field(default=50, ge=1)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _servers_are_host_port(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_postgres(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("expected a postgresql:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _sasl_is_complete(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                "SASL security protocol needs KAFKA_SASL_MECHANISM, _USERNAME and _PASSWORD"
+            )
+        if self.retry_max_ms < self.retry_initial_ms:
+            raise ValueError("retry_max_ms must be >= retry_initial_ms")
+        return self
+
+    @property
+    def dsn(self) -> str:
+        return self.database_url.get_secret_value()
+
+    def masked(self) -> dict[str, object]:
+        """Every setting with secrets (and the password inside the database URL) masked."""
+        shown: dict[str, object] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                text = value.get_secret_value()
+                shown[name] = mask_url(text) if name == "database_url" else "**********"
+            else:
+                shown[name] = value
+        return shown
+
+
+def mask_url(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, hostpart = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostpart}" if ":" in userinfo else url
