@@ -59,7 +59,9 @@ async def produce(
         await producer.stop()
 
 
-async def setup_pipeline(settings: Settings, *, partitions: int = 3, flows: Iterable[tuple[str, str]] = ()) -> None:
+async def setup_pipeline(
+    settings: Settings, *, partitions: int = 3, flows: Iterable[tuple[str, str]] = ()
+) -> None:
     """Topics with ``partitions`` partitions, and flows as (flow_id, status)."""
     await ensure_topics(settings, partitions=partitions)
     conn = await asyncpg.connect(settings.dsn)
@@ -110,15 +112,18 @@ async def running_worker(settings: Settings, *kinds: str) -> AsyncIterator[Worke
         await asyncio.wait_for(task, timeout=60)
 
 
-def spawn_worker(env: dict[str, str], *kinds: str, log_path: str | None = None) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    env: dict[str, str], *kinds: str, log_path: str | None = None
+) -> subprocess.Popen[bytes]:
     """A real worker OS process (`chargeline worker`), for kill and restart tests."""
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli.main", "worker", *(kinds or ("all",))],
-        env={**os.environ, **env},
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    command = [sys.executable, "-m", "workers.cli.main", "worker", *(kinds or ("all",))]
+    if log_path is None:
+        return subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+    # The child keeps its own copy of the descriptor; ours is closed at once.
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 async def consume_all(
@@ -126,7 +131,9 @@ async def consume_all(
 ) -> list[Any]:
     """Read ``topic`` from the beginning until ``expected`` records (or the timeout)."""
     consumer = AIOKafkaConsumer(
-        group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
         **security_options(settings),
     )
     await consumer.start()

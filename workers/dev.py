@@ -23,6 +23,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from schemas.currency import minor_unit_exponent
 from workers import db
 from workers.app import WorkerProcess
 from workers.kafka import ensure_topics, make_producer
@@ -49,7 +50,7 @@ class DemoLoad:
 
 
 def build_demo_load(seed: int = 7, charges: int = 400) -> DemoLoad:
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 -- demo data, not secrets
     run = uuid.uuid4().hex[:8]  # fresh references per run: a second `make run` adds new charges
     load = DemoLoad()
     now = datetime.now(UTC)
@@ -59,16 +60,20 @@ def build_demo_load(seed: int = 7, charges: int = 400) -> DemoLoad:
     for n in range(charges):
         customer = f"user_{rng.randint(1, 40):03d}"
         currency = rng.choice(currencies)
-        unique.append({
-            "type": "charge",
-            "flow_id": rng.choice(active),
-            "customer_ref": customer,
-            "reference": f"demo-{run}-{n:05d}",
-            "amount": rng.randint(1, 5000) * (1 if currency != "JPY" else 10),
-            "currency": currency,
-            "metadata": {"job_id": str(n), "source": "chargeline-dev"},
-            "occurred_at": (now - timedelta(seconds=charges - n)).isoformat().replace("+00:00", "Z"),
-        })
+        unique.append(
+            {
+                "type": "charge",
+                "flow_id": rng.choice(active),
+                "customer_ref": customer,
+                "reference": f"demo-{run}-{n:05d}",
+                "amount": rng.randint(1, 5000) * (1 if currency != "JPY" else 10),
+                "currency": currency,
+                "metadata": {"job_id": str(n), "source": "chargeline-dev"},
+                "occurred_at": (now - timedelta(seconds=charges - n))
+                .isoformat()
+                .replace("+00:00", "Z"),
+            }
+        )
 
     def add(event: dict[str, Any] | bytes, outcome: str, key: str | None = None) -> None:
         value = event if isinstance(event, bytes) else orjson.dumps(event)
@@ -83,13 +88,26 @@ def build_demo_load(seed: int = 7, charges: int = 400) -> DemoLoad:
         add(event, "duplicate")
     conflicting = dict(unique[3], amount=unique[3]["amount"] + 1)  # same reference, new amount
     add(conflicting, "conflict")
+    load.expected["reference_conflict"] += 1
     for n in range(2):
-        add(dict(unique[n], flow_id="flow_legacy", reference=f"demo-{run}-legacy-{n}"), "flow_paused")
+        add(
+            dict(unique[n], flow_id="flow_legacy", reference=f"demo-{run}-legacy-{n}"),
+            "flow_paused",
+        )
     add(dict(unique[5], flow_id="flow_missing", reference=f"demo-{run}-missing"), "unknown_flow")
     add(b'{"type": "charge", "amount": 100, ', "invalid_json", key="user_001")
     add(dict(unique[6], reference=f"demo-{run}-float", amount=100.0), "invalid_event")
     rng.shuffle(load.records)
     return load
+
+
+def format_money(minor_units: int, currency: str) -> str:
+    """12345 EUR -> "123.45 EUR"; JPY has no minor unit, KWD three."""
+    exponent = minor_unit_exponent(currency)
+    if exponent == 0:
+        return f"{minor_units:,} {currency}"
+    major, minor = divmod(minor_units, 10**exponent)
+    return f"{major:,}.{minor:0{exponent}d} {currency}"
 
 
 async def _prepare(settings: Settings) -> None:
@@ -117,18 +135,28 @@ async def _publish(settings: Settings, load: DemoLoad) -> None:
         await producer.stop()
 
 
-async def _wait_until_processed(process: WorkerProcess, expected: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    ingest, relay = process.loops[0], process.loops[1]
-    while time.monotonic() < deadline:
-        if ingest.totals.records >= expected and process.metrics.outbox_depth._value.get() == 0:
-            return True
-        await asyncio.sleep(0.2)
-    del relay
+async def _wait_until_processed(
+    settings: Settings, process: WorkerProcess, expected: int, deadline_s: float
+) -> bool:
+    """Until every demo record is applied and every dead letter published on billing.dlq."""
+    deadline = time.monotonic() + deadline_s
+    ingest = process.loops[0]
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        while time.monotonic() < deadline:
+            if ingest.totals.records >= expected and not await conn.fetchval(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+            ):
+                return True
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
     return False
 
 
-async def _summary(settings: Settings, process: WorkerProcess, load: DemoLoad, elapsed: float) -> None:
+async def _summary(
+    settings: Settings, process: WorkerProcess, load: DemoLoad, elapsed: float
+) -> None:
     conn = await asyncpg.connect(settings.dsn)
     try:
         flows = await conn.fetch(db.QUERIES["flow_list"], None)
@@ -147,12 +175,20 @@ async def _summary(settings: Settings, process: WorkerProcess, load: DemoLoad, e
     table.add_column("expected", justify="right")
     table.add_row("records published", str(len(load.records)), "")
     table.add_row("charges recorded", str(totals["recorded"]), str(load.expected["recorded"]))
-    table.add_row("exact duplicates (not applied again)", str(totals["duplicate"]),
-                  str(load.expected["duplicate"]))
-    table.add_row("conflicts (same reference, other payload)", str(totals["conflict"]),
-                  str(load.expected["conflict"]))
+    table.add_row(
+        "exact duplicates (not applied again)",
+        str(totals["duplicate"]),
+        str(load.expected["duplicate"]),
+    )
+    table.add_row(
+        "conflicts (same reference, other payload)",
+        str(totals["conflict"]),
+        str(load.expected["conflict"]),
+    )
     for row in reasons:
-        table.add_row(f"dead letters: {row['reason']}", str(row["n"]), str(load.expected[row["reason"]]))
+        table.add_row(
+            f"dead letters: {row['reason']}", str(row["n"]), str(load.expected[row["reason"]])
+        )
     table.add_row("conflicts kept with both payloads", str(conflicts), "")
     table.add_row("dead letters still to publish on billing.dlq", str(unpublished), "0")
     console.print(table)
@@ -161,29 +197,44 @@ async def _summary(settings: Settings, process: WorkerProcess, load: DemoLoad, e
     for column in ("flow", "payee", "status", "charges", "amounts", "last charge"):
         flow_table.add_column(column)
     for row in flows:
-        amounts = orjson.loads(row["amounts"]) if isinstance(row["amounts"], str) else row["amounts"]
+        amounts = (
+            orjson.loads(row["amounts"]) if isinstance(row["amounts"], str) else row["amounts"]
+        )
         flow_table.add_row(
-            row["flow_id"], row["payee_ref"], row["status"], str(row["charge_count"]),
-            ", ".join(f"{amount} {currency}" for currency, amount in sorted(amounts.items())),
+            row["flow_id"],
+            row["payee_ref"],
+            row["status"],
+            str(row["charge_count"]),
+            ", ".join(
+                format_money(amount, currency) for currency, amount in sorted(amounts.items())
+            ),
             row["last_charge_at"].isoformat(timespec="seconds") if row["last_charge_at"] else "",
         )
     console.print(flow_table)
-    metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
+    metrics = (
+        f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
+    )
     console.print(
         f"Processed in {elapsed:.1f}s.  Postgres: {mask_url(settings.dsn)}  "
-        f"Kafka: {settings.kafka_bootstrap_servers}  Metrics: {metrics}\n"
-        "Look around: chargeline charges list | flows list | dlq list  (with the same "
-        "CHARGELINE_* variables; `chargeline dev --keep-running` keeps the stack up)."
+        f"Kafka: {settings.kafka_bootstrap_servers}  Metrics (while running): {metrics}\n"
+        "`chargeline dev --keep-running` keeps the stack and workers up to look around with "
+        "`chargeline flows list`, `charges list`, `dlq list` and the CHARGELINE_* variables above."
     )
 
 
 async def run_dev(settings: Settings, *, keep_running: bool = False) -> int:
     stack = None
-    if not (os.environ.get("CHARGELINE_DATABASE_URL") and os.environ.get("CHARGELINE_KAFKA_BOOTSTRAP_SERVERS")):
+    if not (
+        os.environ.get("CHARGELINE_DATABASE_URL")
+        and os.environ.get("CHARGELINE_KAFKA_BOOTSTRAP_SERVERS")
+    ):
         from workers.devstack import LocalStack
 
-        console.print("Starting the embedded stack: Postgres, Tansu (Kafka protocol), localstripe...")
+        console.print(
+            "Starting the embedded stack: Postgres, Tansu (Kafka protocol), localstripe..."
+        )
         stack = await asyncio.to_thread(LocalStack.start)
+        await _create_database(stack.postgres.url, "chargeline")
         settings = settings.model_copy(update=_stack_settings(stack))
     if settings.log_format == "json" and console.is_terminal:
         settings = settings.model_copy(update={"log_format": "console"})
@@ -196,7 +247,7 @@ async def run_dev(settings: Settings, *, keep_running: bool = False) -> int:
         task = asyncio.create_task(process.run(install_signal_handlers=keep_running))
         await _publish(settings, load)
         console.print(f"Published {len(load.records)} demo records to {settings.topic_charges}.")
-        done = await _wait_until_processed(process, len(load.records), timeout=120)
+        done = await _wait_until_processed(settings, process, len(load.records), 120)
         elapsed = time.monotonic() - started
         if keep_running:
             await _summary(settings, process, load, elapsed)
@@ -218,9 +269,25 @@ async def run_dev(settings: Settings, *, keep_running: bool = False) -> int:
             await asyncio.to_thread(stack.stop)
 
 
+async def _create_database(server_url: str, name: str) -> None:
+    conn = await asyncpg.connect(server_url)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
 def _stack_settings(stack: Any) -> dict[str, Any]:
     env = stack.env()
-    return Settings(**{k.removeprefix("CHARGELINE_").lower(): v for k, v in env.items()}).model_dump(
-        include={"database_url", "kafka_bootstrap_servers", "kafka_idempotent_producer",
-                 "stripe_api_base", "stripe_api_key"}
+    return Settings(
+        **{k.removeprefix("CHARGELINE_").lower(): v for k, v in env.items()}
+    ).model_dump(
+        include={
+            "database_url",
+            "kafka_bootstrap_servers",
+            "kafka_idempotent_producer",
+            "stripe_api_base",
+            "stripe_api_key",
+        }
     )

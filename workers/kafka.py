@@ -3,6 +3,7 @@ the topic list, and `topics ensure`."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from typing import Any
 
@@ -62,8 +63,8 @@ def make_consumer(
         max_poll_records=max_records or settings.batch_max_records,
         # A batch may have to wait out a Postgres outage before it commits; stay in the group.
         max_poll_interval_ms=600_000,
-        session_timeout_ms=10_000,
-        heartbeat_interval_ms=3_000,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=max(100, settings.kafka_session_timeout_ms // 4),
         fetch_max_bytes=max(52_428_800, max_bytes),
         max_partition_fetch_bytes=max_bytes,
         **security_options(settings),
@@ -101,10 +102,8 @@ async def ensure_topics(
             )
             for name in wanted
         ]
-        try:
+        with contextlib.suppress(TopicAlreadyExistsError):  # another process was quicker
             await admin.create_topics(new)
-        except TopicAlreadyExistsError:
-            pass
         return wanted
     finally:
         await admin.close()

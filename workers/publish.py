@@ -61,12 +61,16 @@ def validate_file(path: Path, accepted: frozenset[str], topic: str) -> PublishRe
         report.lines += 1
         try:
             event = parse_event(line)
-            if event.type not in accepted:
-                raise EventRejected("wrong_topic", f"{event.type} events do not go to {topic}")
         except EventRejected as exc:
+            problem: str | None = f"{exc.reason}: {exc.detail}"
+        else:
+            problem = None
+            if event.type not in accepted:
+                problem = f"wrong_topic: {event.type} events do not go to {topic}"
+        if problem is not None:
             error_count += 1
             if len(errors) < MAX_REPORTED_ERRORS:
-                errors.append(f"{path}:{number}: {exc.reason}: {exc.detail}")
+                errors.append(f"{path}:{number}: {problem}")
             continue
         report.by_type[event.type] = report.by_type.get(event.type, 0) + 1
     if error_count:
@@ -78,11 +82,15 @@ def validate_file(path: Path, accepted: frozenset[str], topic: str) -> PublishRe
     return report
 
 
-async def publish_file(settings: Settings, topic: str, path: Path) -> PublishReport:
+def _validate(settings: Settings, topic: str, path: Path) -> PublishReport:
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
-    accepted = accepted_types(settings, topic)
-    report = validate_file(path, accepted, topic)
+    return validate_file(path, accepted_types(settings, topic), topic)
+
+
+async def publish_file(settings: Settings, topic: str, path: Path) -> PublishReport:
+    # The first pass reads the whole file: off the event loop.
+    report = await asyncio.to_thread(_validate, settings, topic, path)
     producer = make_producer(settings, client_id="chargeline-publish")
     await producer.start()
     try:

@@ -4,6 +4,7 @@ exponential back-off and full jitter, and tries the same work again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -60,8 +61,6 @@ async def retry_transient(
             if stopping is None:
                 await asyncio.sleep(sleep_for)
             else:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), timeout=sleep_for)
-                except TimeoutError:
-                    pass
             delay = min(delay * 2, settings.retry_max_ms / 1000)

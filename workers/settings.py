@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(default=1, ge=1)
 
     consumer_group: str = "chargeline"
+    kafka_session_timeout_ms: int = Field(
+        default=10_000,
+        ge=1000,
+        description="How long the group waits for a silent member before moving its partitions.",
+    )
 
     stripe_api_key: SecretStr = SecretStr("sk_test_chargeline")
     stripe_api_base: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import orjson
 
@@ -20,16 +21,23 @@ from tests.support import (
 from workers.settings import Settings
 
 
-def _sample(metrics, name: str, **labels: str) -> float:  # type: ignore[no-untyped-def]
+def _sample(metrics: Any, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
 
 
 async def test_thousand_events_with_duplicates_conflicts_and_bad_input(settings: Settings) -> None:
     rng = random.Random(2)
-    await setup_pipeline(settings, flows=[("flow_a", "active"), ("flow_b", "active"), ("flow_old", "paused")])
+    await setup_pipeline(
+        settings, flows=[("flow_a", "active"), ("flow_b", "active"), ("flow_old", "paused")]
+    )
     unique = [
-        charge(rng.choice(["flow_a", "flow_b"]), f"cust_{rng.randint(1, 50)}", f"ref-{n}", rng.randint(1, 10_000))
+        charge(
+            rng.choice(["flow_a", "flow_b"]),
+            f"cust_{rng.randint(1, 50)}",
+            f"ref-{n}",
+            rng.randint(1, 10_000),
+        )
         for n in range(890)
     ]
     duplicates = rng.sample(unique, 100)  # 10% exact duplicates
@@ -52,9 +60,7 @@ async def test_thousand_events_with_duplicates_conflicts_and_bad_input(settings:
     async with running_worker(settings) as process:
         await produce(settings, settings.topic_charges, records)
         await wait_for(lambda: _done(process, 1000), what="1000 records processed")
-        await wait_for(
-            lambda: _published(settings), what="dead letters published to billing.dlq"
-        )
+        await wait_for(lambda: _published(settings), what="dead letters published to billing.dlq")
         metrics = process.metrics
 
     assert await fetchval(settings, "SELECT count(*) FROM charges") == 890
@@ -68,19 +74,44 @@ async def test_thousand_events_with_duplicates_conflicts_and_bad_input(settings:
         r["reason"]: r["n"]
         for r in await fetch(settings, "SELECT reason, count(*) AS n FROM dead_letters GROUP BY 1")
     }
-    assert reasons == {"reference_conflict": 3, "flow_paused": 2, "invalid_json": 2, "invalid_event": 3}
-    conflict_rows = await fetch(settings, "SELECT original_payload, conflicting_payload FROM conflicts")
+    assert reasons == {
+        "reference_conflict": 3,
+        "flow_paused": 2,
+        "invalid_json": 2,
+        "invalid_event": 3,
+    }
+    conflict_rows = await fetch(
+        settings, "SELECT original_payload, conflicting_payload FROM conflicts"
+    )
     assert len(conflict_rows) == 3
     for row in conflict_rows:
-        original, conflicting = orjson.loads(row["original_payload"]), orjson.loads(row["conflicting_payload"])
+        original, conflicting = (
+            orjson.loads(row["original_payload"]),
+            orjson.loads(row["conflicting_payload"]),
+        )
         assert conflicting["amount"] == original["amount"] + 1
 
     topic = settings.topic_charges
-    assert _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="recorded") == 890
-    assert _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="duplicate") == 100
-    assert _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="conflict") == 3
-    assert _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="rejected") == 2
-    assert _sample(metrics, "chargeline_events_total", topic=topic, type="unknown", outcome="invalid") == 5
+    assert (
+        _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="recorded")
+        == 890
+    )
+    assert (
+        _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="duplicate")
+        == 100
+    )
+    assert (
+        _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="conflict")
+        == 3
+    )
+    assert (
+        _sample(metrics, "chargeline_events_total", topic=topic, type="charge", outcome="rejected")
+        == 2
+    )
+    assert (
+        _sample(metrics, "chargeline_events_total", topic=topic, type="unknown", outcome="invalid")
+        == 5
+    )
     for reason, n in reasons.items():
         assert _sample(metrics, "chargeline_dead_letters_total", reason=reason) == n
 
@@ -96,15 +127,19 @@ async def test_thousand_events_with_duplicates_conflicts_and_bad_input(settings:
     assert by_reason == reasons
 
 
-async def _done(process, expected: int) -> bool:  # type: ignore[no-untyped-def]
+async def _done(process: Any, expected: int) -> bool:
     return bool(process.loops[0].totals.records >= expected)
 
 
 async def _published(settings: Settings) -> bool:
-    return bool(await fetchval(settings, "SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL"))
+    return bool(
+        await fetchval(settings, "SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL")
+    )
 
 
-async def test_unknown_flow_and_wrong_key_are_dead_lettered_and_neighbours_applied(settings: Settings) -> None:
+async def test_unknown_flow_and_wrong_key_are_dead_lettered_and_neighbours_applied(
+    settings: Settings,
+) -> None:
     await setup_pipeline(settings, partitions=1, flows=[("flow_a", "active")])
     records = [
         record(charge("flow_a", "c1", "r1")),
@@ -115,8 +150,13 @@ async def test_unknown_flow_and_wrong_key_are_dead_lettered_and_neighbours_appli
     async with running_worker(settings) as process:
         await produce(settings, settings.topic_charges, records)
         await wait_for(lambda: _done(process, 4), what="4 records")
-    rows = await fetch(settings, 'SELECT reason, "offset", detail FROM dead_letters ORDER BY "offset"')
+    rows = await fetch(
+        settings, 'SELECT reason, "offset", detail FROM dead_letters ORDER BY "offset"'
+    )
     assert [(r["reason"], r["offset"]) for r in rows] == [("unknown_flow", 1), ("key_mismatch", 2)]
     assert "flow_nope" in rows[0]["detail"]
-    refs = [r["reference"] for r in await fetch(settings, "SELECT reference FROM charges ORDER BY source_offset")]
+    refs = [
+        r["reference"]
+        for r in await fetch(settings, "SELECT reference FROM charges ORDER BY source_offset")
+    ]
     assert refs == ["r1", "r4"]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import asyncpg
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from workers.cli import commands
@@ -30,7 +31,7 @@ def _format(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> Parser:
+def build_parser() -> Parser:  # noqa: PLR0915 -- a parser is a long flat list
     root = Parser(prog="chargeline", description="Queue-driven charge processor.")
     nouns = root.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=Parser
@@ -121,7 +122,7 @@ def build_parser() -> Parser:
     return root
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 -- one exit per error kind
     try:
         args = build_parser().parse_args(argv)
         settings = Settings()
@@ -145,9 +146,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChargelineError as exc:
         print(f"chargeline: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
-    except (OSError, asyncpg.PostgresConnectionStatusError, asyncpg.CannotConnectNowError) as exc:
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InvalidCatalogNameError) as exc:
         print(
-            f"chargeline: error: cannot reach Postgres at {mask_url(settings.dsn)}: {exc}",
+            f"chargeline: error: cannot use Postgres at {mask_url(settings.dsn)}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    except KafkaError as exc:
+        print(
+            f"chargeline: error: Kafka at {settings.kafka_bootstrap_servers}: {exc}",
             file=sys.stderr,
         )
         return 1

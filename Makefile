@@ -1,0 +1,44 @@
+# chargeline: `make help` lists the targets. CI calls make targets only (see .ci/run).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-fast lint format schemas bench clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install chargeline with its pinned dependencies
+
+run: $(STAMP) ## the demo: embedded Postgres, broker and Stripe stand-in, workers, a demo load
+	$(BIN)/chargeline dev
+
+test: $(STAMP) ## the whole suite: unit, integration (real servers) and fault tests
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP) ## unit tests only (no servers)
+	$(BIN)/python -m pytest tests/unit
+
+lint: $(STAMP) ## ruff (lint and format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP) ## fix what ruff can fix, and format
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+schemas: $(STAMP) ## re-export the JSON Schema files from the pydantic models
+	$(BIN)/python -m schemas.export
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
