@@ -154,3 +154,51 @@ async def consume_all(
         return records
     finally:
         await consumer.stop()
+
+
+def usage(customer: str, reference: str, tokens: int, **extra: Any) -> Event:
+    return {
+        "type": "usage",
+        "customer_ref": customer,
+        "reference": reference,
+        "tokens": tokens,
+        **extra,
+    }
+
+
+def grant(
+    customer: str, reference: str, tokens: int, *, cost_basis: str = "0.0001", **extra: Any
+) -> Event:
+    return {
+        "type": "credit_grant",
+        "customer_ref": customer,
+        "reference": reference,
+        "tokens": tokens,
+        "cost_basis": cost_basis,
+        "currency": extra.pop("currency", "USD"),
+        "source": extra.pop("source", "purchase"),
+        **extra,
+    }
+
+
+def rfc3339(moment: Any) -> str:
+    return str(moment.isoformat().replace("+00:00", "Z"))
+
+
+async def alerts_on_topic(settings: Settings, *, expected: int, timeout: float = 30) -> list[Event]:
+    """The alerts on billing.alerts, decoded, in publication order per customer."""
+    messages = await consume_all(
+        settings, settings.topic_alerts, expected=expected, timeout=timeout
+    )
+    messages.sort(key=lambda m: (m.partition, m.offset))
+    return [orjson.loads(m.value) for m in messages]
+
+
+async def ingest_done(process: WorkerProcess, records: int) -> bool:
+    return bool(process.loops and process.loops[0].totals.records >= records)
+
+
+async def outbox_empty(settings: Settings) -> bool:
+    return bool(
+        await fetchval(settings, "SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL")
+    )

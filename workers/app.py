@@ -11,6 +11,7 @@ from typing import Any
 
 from workers import db
 from workers.charges import ChargesHandler
+from workers.expiry import ExpiryWorker
 from workers.http import start_http
 from workers.kafka import make_consumer, make_producer
 from workers.logs import get_logger
@@ -18,19 +19,22 @@ from workers.metrics import Metrics
 from workers.outbox import OutboxRelay
 from workers.runtime import BatchProcessor, ConsumerLoop, Handler
 from workers.settings import Settings
+from workers.usage import UsageHandler
 
 log = get_logger("chargeline.app")
 
 # Worker kinds a process can run. `all` runs every one in one process: ingest handlers
 # share one consumer (one group member), the relay runs beside it on its own connection.
-INGEST_KINDS = ("charges",)
-WORKER_KINDS = ("all", *INGEST_KINDS, "outbox")
+INGEST_KINDS = ("charges", "usage")
+WORKER_KINDS = ("all", *INGEST_KINDS, "outbox", "expiry")
 
 
 def build_handlers(settings: Settings, kinds: Sequence[str]) -> list[Handler]:
     handlers: list[Handler] = []
     if "charges" in kinds:
         handlers.append(ChargesHandler(settings.topic_charges))
+    if "usage" in kinds:
+        handlers.append(UsageHandler(settings.topic_usage, settings.topic_alerts))
     return handlers
 
 
@@ -42,8 +46,11 @@ class WorkerProcess:
     kinds: tuple[str, ...]
     metrics: Metrics = field(default_factory=Metrics)
     loops: list[Any] = field(default_factory=list)
+    stop_requested: bool = False
 
     def stop(self) -> None:
+        """Drain and stop; also valid before the loops exist (they then stop at once)."""
+        self.stop_requested = True
         for loop in self.loops:
             loop.stop()
 
@@ -52,7 +59,7 @@ class WorkerProcess:
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         settings = self.settings
-        kinds = {*INGEST_KINDS, "outbox"} if "all" in self.kinds else set(self.kinds)
+        kinds = {*INGEST_KINDS, "outbox", "expiry"} if "all" in self.kinds else set(self.kinds)
         pool = await db.create_pool(settings.dsn, min_size=1, max_size=4)
         try:
             handlers = build_handlers(settings, sorted(kinds & set(INGEST_KINDS)))
@@ -71,6 +78,8 @@ class WorkerProcess:
                         name="+".join(handler.name for handler in handlers),
                     )
                 )
+            if "expiry" in kinds:
+                self.loops.append(ExpiryWorker(settings, pool, self.metrics))
             if "outbox" in kinds:
                 producer = make_producer(settings, client_id="chargeline-outbox")
                 self.loops.append(OutboxRelay(settings, pool, producer, self.metrics))
@@ -100,6 +109,8 @@ class WorkerProcess:
         self.stop()
 
     async def _run_loops(self) -> None:
+        if self.stop_requested:
+            self.stop()
         tasks = [asyncio.create_task(loop.run(), name=loop.name) for loop in self.loops]
         try:
             # A loop that dies takes the process down: a half-running worker is worse than a

@@ -6,13 +6,14 @@ Dedup key ``(flow_id, reference)``; a charge for an unknown flow is dead-lettere
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import orjson
 
 from schemas.events import ChargeEvent
 from workers.db import QUERIES
-from workers.dedupe import RECORDED, Stored, Verdict
+from workers.dedupe import Verdict, resolve_races, verdicts_from_rows
 from workers.parse import Parsed
 
 
@@ -25,7 +26,7 @@ class ChargesHandler:
     def __init__(self, topic: str) -> None:
         self.topic = topic
 
-    async def apply(self, conn: Any, events: list[Parsed]) -> list[Verdict]:
+    async def apply(self, conn: Any, events: list[Parsed], alerts: Counter[str]) -> list[Verdict]:
         if not events:
             return []
         columns: list[list[Any]] = [[] for _ in range(11)]
@@ -48,41 +49,20 @@ class ChargesHandler:
             for column, value in zip(columns, row, strict=True):
                 column.append(value)
         rows = await conn.fetch(QUERIES["record_charges"], *columns, self.topic)
-        verdicts: list[Verdict | None] = []
-        raced: list[int] = []
-        for index, row in enumerate(rows):
-            if row["inserted"]:
-                verdicts.append(RECORDED)
-            elif row["stored_fingerprint"] is not None:
-                verdicts.append(
-                    Verdict(stored=Stored(row["stored_fingerprint"], row["stored_payload"]))
-                )
-            elif row["flow_status"] is None:
-                flow_id = events[index].event.flow_id  # type: ignore[union-attr]
-                verdicts.append(Verdict(rejection=("unknown_flow", f"no flow {flow_id!r}")))
-            elif row["flow_status"] != "active":
-                flow_id = events[index].event.flow_id  # type: ignore[union-attr]
-                verdicts.append(Verdict(rejection=("flow_paused", f"flow {flow_id!r} is paused")))
+        verdicts, raced = verdicts_from_rows(rows)
+        # Neither recorded nor stored before: the flow refused it, or another transaction
+        # committed the same key while this statement ran.
+        lost_race = []
+        for index in raced:
+            flow_id = events[index].event.flow_id  # type: ignore[union-attr]
+            status = rows[index]["flow_status"]
+            if status is None:
+                verdicts[index] = Verdict(rejection=("unknown_flow", f"no flow {flow_id!r}"))
+            elif status != "active":
+                verdicts[index] = Verdict(rejection=("flow_paused", f"flow {flow_id!r} is paused"))
             else:
-                verdicts.append(None)
-                raced.append(index)
-        if raced:
-            await self._resolve_races(conn, events, verdicts, raced)
+                lost_race.append(index)
+        if lost_race:
+            keys = [parsed.dedup_key for parsed in events]
+            await resolve_races(conn, QUERIES["stored_charges"], keys, verdicts, lost_race)
         return [verdict for verdict in verdicts if verdict is not None]
-
-    async def _resolve_races(
-        self, conn: Any, events: list[Parsed], verdicts: list[Verdict | None], raced: list[int]
-    ) -> None:
-        """Keys a concurrent transaction committed after this statement's snapshot."""
-        keys = [events[i].dedup_key for i in raced]
-        rows = await conn.fetch(
-            QUERIES["stored_charges"], [k[0] for k in keys], [k[1] for k in keys]
-        )
-        stored = {
-            (r["flow_id"], r["reference"]): Stored(r["fingerprint"], r["payload"]) for r in rows
-        }
-        for index, key in zip(raced, keys, strict=True):
-            found = stored.get(key)
-            if found is None:
-                raise RuntimeError(f"charge {key} neither inserted nor found")
-            verdicts[index] = Verdict(stored=found)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from workers.parse import Conflict, Parsed, Rejected
 
@@ -136,3 +137,40 @@ def _same_or_conflict(
 
 def _count(counts: Counter[tuple[str, str, str]], parsed: Parsed, outcome: Outcome) -> None:
     counts[(parsed.record.topic, parsed.event_type, outcome.value)] += 1
+
+
+def verdicts_from_rows(rows: list[Any]) -> tuple[list[Verdict | None], list[int]]:
+    """Verdicts from the rows of a ``record_*`` statement (``new_id``/``inserted``,
+    ``stored_fingerprint``, ``stored_payload``), and the indexes that raced: keys another
+    transaction committed after the statement's snapshot, to be looked up once more."""
+    verdicts: list[Verdict | None] = []
+    raced: list[int] = []
+    for index, row in enumerate(rows):
+        if row["new_id"] is not None:
+            verdicts.append(RECORDED)
+        elif row["stored_fingerprint"] is not None:
+            verdicts.append(
+                Verdict(stored=Stored(row["stored_fingerprint"], row["stored_payload"]))
+            )
+        else:
+            verdicts.append(None)
+            raced.append(index)
+    return verdicts, raced
+
+
+async def resolve_races(
+    conn: Any,
+    query: str,
+    keys: list[tuple[str, str]],
+    verdicts: list[Verdict | None],
+    raced: list[int],
+) -> None:
+    """Fill the raced verdicts from ``query`` (key columns, ``fingerprint``, ``payload``)."""
+    wanted = [keys[i] for i in raced]
+    rows = await conn.fetch(query, [k[0] for k in wanted], [k[1] for k in wanted])
+    stored = {(r[0], r[1]): Stored(r["fingerprint"], r["payload"]) for r in rows}
+    for index, key in zip(raced, wanted, strict=True):
+        found = stored.get(key)
+        if found is None:
+            raise RuntimeError(f"{key} was neither inserted nor found")
+        verdicts[index] = Verdict(stored=found)

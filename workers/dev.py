@@ -140,12 +140,16 @@ async def _wait_until_processed(
 ) -> bool:
     """Until every demo record is applied and every dead letter published on billing.dlq."""
     deadline = time.monotonic() + deadline_s
-    ingest = process.loops[0]
     conn = await asyncpg.connect(settings.dsn)
     try:
         while time.monotonic() < deadline:
-            if ingest.totals.records >= expected and not await conn.fetchval(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+            ingest = process.loops[0] if process.loops else None
+            if (
+                ingest
+                and ingest.totals.records >= expected
+                and not await conn.fetchval(
+                    "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+                )
             ):
                 return True
             await asyncio.sleep(0.2)

@@ -45,8 +45,9 @@ class Handler(Protocol):
     topic: str
     accepted_types: frozenset[str]
 
-    async def apply(self, conn: Any, events: list[Parsed]) -> list[Verdict]:
-        """Apply the first occurrence of each dedup key; one verdict per event, in order."""
+    async def apply(self, conn: Any, events: list[Parsed], alerts: Counter[str]) -> list[Verdict]:
+        """Apply the first occurrence of each dedup key; one verdict per event, in order.
+        Count the alerts written (by type) into ``alerts``."""
         ...
 
 
@@ -55,6 +56,7 @@ class BatchResult:
     records: int = 0
     counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     dead_letters: Counter[str] = field(default_factory=Counter)
+    alerts: Counter[str] = field(default_factory=Counter)
     # Next offset to read per partition: what the consumer group may commit.
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
@@ -62,6 +64,7 @@ class BatchResult:
         self.records += other.records
         self.counts.update(other.counts)
         self.dead_letters.update(other.dead_letters)
+        self.alerts.update(other.alerts)
         self.next_offsets.update(other.next_offsets)
 
     def outcome_totals(self) -> Counter[str]:
@@ -109,7 +112,7 @@ class BatchProcessor:
         dead: list[Rejected] = []
         for handler, parsed, rejected in prepared:
             firsts, repeats = first_occurrences(parsed)
-            verdicts = await handler.apply(conn, firsts)
+            verdicts = await handler.apply(conn, firsts, result.alerts)
             judgement = judge(firsts, verdicts, repeats)
             result.counts.update(judgement.counts)
             for invalid in rejected:
@@ -281,6 +284,8 @@ class ConsumerLoop:
             m.events.labels(topic=topic, type=event_type, outcome=outcome).inc(n)
         for reason, n in result.dead_letters.items():
             m.dead_letters.labels(reason=reason).inc(n)
+        for alert_type, n in result.alerts.items():
+            m.alerts.labels(type=alert_type).inc(n)
         lag_by_topic: dict[str, Any] = {}
         for record in records:
             histogram = lag_by_topic.get(record.topic)
@@ -301,6 +306,7 @@ class ConsumerLoop:
             offsets={position: f"{lo}-{hi}" for position, (lo, hi) in ranges.items()},
             outcomes=dict(result.outcome_totals()),
             dead_letters=dict(result.dead_letters),
+            alerts=dict(result.alerts),
             duration_ms=round(duration * 1000, 1),
         )
 

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     outbox_batch_size: int = Field(default=1000, ge=1)
     outbox_poll_ms: int = Field(default=50, ge=1)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    expiry_interval_s: float = Field(
+        default=5.0, gt=0, description="How often the expiry worker looks for due grants."
+    )
+    expiry_batch_size: int = Field(default=500, ge=1)
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 
@@ -12,6 +13,7 @@ from tests.support import (
     consume_all,
     fetch,
     fetchval,
+    ingest_done,
     produce,
     record,
     running_worker,
@@ -59,7 +61,7 @@ async def test_thousand_events_with_duplicates_conflicts_and_bad_input(settings:
 
     async with running_worker(settings) as process:
         await produce(settings, settings.topic_charges, records)
-        await wait_for(lambda: _done(process, 1000), what="1000 records processed")
+        await wait_for(functools.partial(ingest_done, process, 1000), what="1000 records processed")
         await wait_for(lambda: _published(settings), what="dead letters published to billing.dlq")
         metrics = process.metrics
 
@@ -127,10 +129,6 @@ async def test_thousand_events_with_duplicates_conflicts_and_bad_input(settings:
     assert by_reason == reasons
 
 
-async def _done(process: Any, expected: int) -> bool:
-    return bool(process.loops[0].totals.records >= expected)
-
-
 async def _published(settings: Settings) -> bool:
     return bool(
         await fetchval(settings, "SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL")
@@ -149,7 +147,7 @@ async def test_unknown_flow_and_wrong_key_are_dead_lettered_and_neighbours_appli
     ]
     async with running_worker(settings) as process:
         await produce(settings, settings.topic_charges, records)
-        await wait_for(lambda: _done(process, 4), what="4 records")
+        await wait_for(functools.partial(ingest_done, process, 4), what="4 records")
     rows = await fetch(
         settings, 'SELECT reason, "offset", detail FROM dead_letters ORDER BY "offset"'
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import subprocess
@@ -16,6 +17,7 @@ from tests.conftest import settings_env
 from tests.support import (
     charge,
     consume_all,
+    ingest_done,
     produce,
     record,
     running_worker,
@@ -108,7 +110,7 @@ async def test_charges_list_filters_and_formats(settings: Settings) -> None:
     ]
     async with running_worker(settings, "charges") as process:
         await produce(settings, settings.topic_charges, [record(e) for e in events])
-        await wait_for(lambda: _records(process, 3), what="3 charges")
+        await wait_for(functools.partial(ingest_done, process, 3), what="3 charges")
     everything = ok_json(settings, "charges", "list")
     assert {c["reference"] for c in everything} == {"a1", "a2", "b1"}
     first = next(c for c in everything if c["reference"] == "a1")
@@ -169,7 +171,3 @@ async def test_publish_validates_the_whole_file_first(settings: Settings, tmp_pa
         code=2,
         mentions="no such file",
     )
-
-
-async def _records(process: Any, n: int) -> bool:
-    return bool(process.loops[0].totals.records >= n)

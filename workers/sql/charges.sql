@@ -28,11 +28,11 @@ inserted AS (
     JOIN flow f ON f.flow_id = i.flow_id AND f.status = 'active'
     ORDER BY i.ord
     ON CONFLICT ON CONSTRAINT charges_dedup_key DO NOTHING
-    RETURNING flow_id, reference
+    RETURNING charge_id, flow_id, reference
 )
 SELECT i.ord,
        f.status AS flow_status,
-       ins.reference IS NOT NULL AS inserted,
+       ins.charge_id AS new_id,
        existing.fingerprint AS stored_fingerprint,
        existing.payload::text AS stored_payload
 FROM input i

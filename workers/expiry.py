@@ -1,0 +1,85 @@
+"""The expiry worker: at a grant's ``expires_at`` its remainder expires (a ledger entry,
+maybe a depleted alert); at a deferred grant's ``effective_at`` it is credited. Same ledger,
+same locks and same alert path as the usage worker, so the two never disagree.
+
+The usage worker also brings each customer it touches up to date before applying an event,
+so this worker matters for customers with no traffic; several may run at once (customer
+rows are locked in sorted order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from workers import db
+from workers.logs import get_logger
+from workers.metrics import Metrics
+from workers.retry import Stopping, retry_transient
+from workers.settings import Settings
+from workers.usage import load_ledger, write_ledger
+
+log = get_logger("chargeline.expiry")
+
+
+class ExpiryWorker:
+    name = "expiry"
+
+    def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.stopping = asyncio.Event()
+        self.started = asyncio.Event()
+        self.expired_entries = 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.started.is_set() and not self.stopping.is_set()
+
+    async def run(self) -> None:
+        self.started.set()
+        while not self.stopping.is_set():
+            try:
+                done = await retry_transient(
+                    self.run_once,
+                    is_transient=db.is_transient,
+                    component="postgres",
+                    settings=self.settings,
+                    metrics=self.metrics,
+                    stopping=self.stopping,
+                )
+            except Stopping:
+                break
+            if done < self.settings.expiry_batch_size:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.stopping.wait(), timeout=self.settings.expiry_interval_s
+                    )
+
+    async def run_once(self) -> int:
+        """Bring due customers up to date, one transaction; return how many."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(db.QUERIES["due_customers"], self.settings.expiry_batch_size)
+            refs = [row["customer_ref"] for row in rows]
+            if not refs:
+                return 0
+            ledger = await load_ledger(conn, refs)
+            for ref in refs:
+                ledger.tick(ref)
+            await write_ledger(conn, ledger, alerts_topic=self.settings.topic_alerts)
+        for alert in ledger.changes.alerts:
+            self.metrics.alerts.labels(type=alert.type).inc()
+        entries = ledger.changes.entries
+        self.expired_entries += len(entries)
+        log.info(
+            "grants_due_applied",
+            customers=len(refs),
+            entries=len(entries),
+            alerts=len(ledger.changes.alerts),
+        )
+        return len(refs)

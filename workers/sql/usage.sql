@@ -1,0 +1,185 @@
+-- name: record_usage
+-- Dedup rows for usage events, set-wise; reports what was stored before (see charges.sql).
+WITH input AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                $6::timestamptz[], $7::bytea[], $8::integer[], $9::bigint[])
+         WITH ORDINALITY
+         AS t(customer_ref, reference, tokens, feature, metadata, occurred_at, fingerprint,
+              source_partition, source_offset, ord)
+),
+inserted AS (
+    INSERT INTO usage_events (customer_ref, reference, tokens, feature, metadata, occurred_at,
+                              fingerprint, source_topic, source_partition, source_offset)
+    SELECT customer_ref, reference, tokens, feature, metadata::json, occurred_at, fingerprint,
+           $10::text, source_partition, source_offset
+    FROM input
+    ORDER BY ord
+    ON CONFLICT ON CONSTRAINT usage_events_dedup_key DO NOTHING
+    RETURNING usage_id, customer_ref, reference
+)
+SELECT i.ord, ins.usage_id AS new_id, existing.fingerprint AS stored_fingerprint,
+       CASE WHEN existing.usage_id IS NOT NULL THEN jsonb_strip_nulls(jsonb_build_object(
+           'type', 'usage', 'customer_ref', existing.customer_ref,
+           'reference', existing.reference, 'tokens', existing.tokens,
+           'feature', existing.feature, 'metadata', existing.metadata::jsonb,
+           'occurred_at', existing.occurred_at))::text END AS stored_payload
+FROM input i
+LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
+LEFT JOIN usage_events existing
+       ON existing.customer_ref = i.customer_ref AND existing.reference = i.reference
+ORDER BY i.ord;
+
+-- name: stored_usage
+SELECT u.customer_ref, u.reference, u.fingerprint,
+       jsonb_build_object('type', 'usage', 'customer_ref', u.customer_ref,
+                          'reference', u.reference, 'tokens', u.tokens)::text AS payload
+FROM usage_events u
+JOIN unnest($1::text[], $2::text[]) AS k(customer_ref, reference)
+  ON u.customer_ref = k.customer_ref AND u.reference = k.reference;
+
+-- name: record_grants
+WITH input AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::numeric[], $5::text[],
+                $6::timestamptz[], $7::timestamptz[], $8::integer[], $9::text[], $10::text[],
+                $11::bytea[], $12::text[], $13::integer[], $14::bigint[])
+         WITH ORDINALITY
+         AS t(customer_ref, reference, tokens, cost_basis, currency, effective_at, expires_at,
+              priority, source, description, fingerprint, payload, source_partition,
+              source_offset, ord)
+),
+inserted AS (
+    INSERT INTO grants (customer_ref, reference, tokens, cost_basis, currency, effective_at,
+                        expires_at, priority, source, description, fingerprint, payload,
+                        source_topic, source_partition, source_offset)
+    SELECT customer_ref, reference, tokens, cost_basis, currency, effective_at, expires_at,
+           priority, source, description, fingerprint, payload::jsonb, $15::text,
+           source_partition, source_offset
+    FROM input
+    ORDER BY ord
+    ON CONFLICT ON CONSTRAINT grants_dedup_key DO NOTHING
+    RETURNING grant_id, customer_ref, reference
+)
+SELECT i.ord, ins.grant_id AS new_id, existing.fingerprint AS stored_fingerprint,
+       existing.payload::text AS stored_payload
+FROM input i
+LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
+LEFT JOIN grants existing
+       ON existing.customer_ref = i.customer_ref AND existing.reference = i.reference
+ORDER BY i.ord;
+
+-- name: stored_grants
+SELECT g.customer_ref, g.reference, g.fingerprint, g.payload::text AS payload
+FROM grants g
+JOIN unnest($1::text[], $2::text[]) AS k(customer_ref, reference)
+  ON g.customer_ref = k.customer_ref AND g.reference = k.reference;
+
+-- name: record_voids
+WITH input AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[],
+                $7::integer[], $8::bigint[])
+         WITH ORDINALITY
+         AS t(customer_ref, reference, grant_reference, reason, fingerprint, payload,
+              source_partition, source_offset, ord)
+),
+inserted AS (
+    INSERT INTO credit_voids (customer_ref, reference, grant_reference, reason, fingerprint,
+                              payload, source_topic, source_partition, source_offset)
+    SELECT customer_ref, reference, grant_reference, reason, fingerprint, payload::jsonb,
+           $9::text, source_partition, source_offset
+    FROM input
+    ORDER BY ord
+    ON CONFLICT ON CONSTRAINT credit_voids_dedup_key DO NOTHING
+    RETURNING void_id, customer_ref, reference
+)
+SELECT i.ord, ins.void_id AS new_id, existing.fingerprint AS stored_fingerprint,
+       existing.payload::text AS stored_payload
+FROM input i
+LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
+LEFT JOIN credit_voids existing
+       ON existing.customer_ref = i.customer_ref AND existing.reference = i.reference
+ORDER BY i.ord;
+
+-- name: stored_voids
+SELECT v.customer_ref, v.reference, v.fingerprint, v.payload::text AS payload
+FROM credit_voids v
+JOIN unnest($1::text[], $2::text[]) AS k(customer_ref, reference)
+  ON v.customer_ref = k.customer_ref AND v.reference = k.reference;
+
+-- name: drop_voids
+-- Voids of unknown grants are dead letters, not ledger events: their dedup rows go.
+DELETE FROM credit_voids WHERE void_id = ANY($1::bigint[]);
+
+-- name: ensure_customers
+-- Sorted, like every lock taken on customers, so that two transactions touching the same
+-- customers cannot deadlock.
+INSERT INTO customers (customer_ref)
+SELECT DISTINCT customer_ref FROM unnest($1::text[]) AS t(customer_ref) ORDER BY 1
+ON CONFLICT (customer_ref) DO NOTHING;
+
+-- name: load_customers
+SELECT c.customer_ref, c.balance, c.overage, c.ledger_seq, c.low_balance_threshold,
+       now() AS now
+FROM customers c
+WHERE c.customer_ref = ANY($1::text[])
+ORDER BY c.customer_ref
+FOR UPDATE;
+
+-- name: load_open_grants
+SELECT grant_id, customer_ref, reference, tokens, remaining, effective_at, expires_at,
+       priority, cost_basis, status
+FROM grants
+WHERE customer_ref = ANY($1::text[])
+  AND (status = 'pending' OR remaining > 0
+       OR (status = 'active' AND (customer_ref, reference) IN (
+               SELECT * FROM unnest($2::text[], $3::text[]))))
+ORDER BY grant_id;
+
+-- name: update_grants
+UPDATE grants g SET remaining = u.remaining, status = u.status
+FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS u(grant_id, remaining, status)
+WHERE g.grant_id = u.grant_id;
+
+-- name: update_customers
+UPDATE customers c
+SET balance = u.balance, overage = u.overage, ledger_seq = u.seq, updated_at = now()
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+     AS u(customer_ref, balance, overage, seq)
+WHERE c.customer_ref = u.customer_ref;
+
+-- name: record_alerts
+WITH input AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                $7::text[], $8::text[], $9::bigint[], $10::bytea[])
+         WITH ORDINALITY
+         AS t(alert_id, type, customer_ref, balance, previous_balance, threshold, cause_type,
+              cause_reference, ledger_seq, message, ord)
+),
+inserted AS (
+    INSERT INTO alerts (alert_id, type, customer_ref, balance, previous_balance, threshold,
+                        cause_type, cause_reference, ledger_seq)
+    SELECT alert_id, type, customer_ref, balance, previous_balance, threshold, cause_type,
+           cause_reference, ledger_seq
+    FROM input
+    ORDER BY ord
+    ON CONFLICT (alert_id) DO NOTHING
+    RETURNING alert_id
+)
+INSERT INTO outbox (kind, topic, record_key, record_value)
+SELECT 'alert', $11::text, convert_to(i.customer_ref, 'UTF8'), i.message
+FROM input i JOIN inserted USING (alert_id)
+ORDER BY i.ord;
+
+-- name: due_customers
+-- Customers with a grant whose expiry or effective time has come and not been applied.
+SELECT customer_ref FROM (
+    SELECT customer_ref FROM grants
+    WHERE expires_at <= now() AND expires_at IS NOT NULL AND (status = 'pending' OR remaining > 0)
+    UNION
+    SELECT customer_ref FROM grants WHERE status = 'pending' AND effective_at <= now()
+) due
+ORDER BY customer_ref
+LIMIT $1;
