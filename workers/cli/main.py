@@ -24,6 +24,10 @@ from workers.settings import Settings, mask_url
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
+# Modules that add command groups: each has `register(nouns)`, adding its subparsers with
+# `set_defaults(run=<async (settings, args) -> exit code>)`. One line per module.
+COMMAND_MODULES: list[Any] = []
+
 
 def _format(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -119,6 +123,9 @@ def build_parser() -> Parser:  # noqa: PLR0915 -- a parser is a long flat list
     dlist.add_argument("--limit", type=positive_int, default=100)
     _format(dlist)
     dlist.set_defaults(run=commands.dlq_list)
+
+    for module in COMMAND_MODULES:
+        module.register(nouns)
     return root
 
 
