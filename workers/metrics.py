@@ -10,7 +10,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+# Fine below a second: the end-to-end latency target (p99 < 500 ms) is read from these.
+LAG_BUCKETS = (
+    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1,
+    1.5, 2, 3, 5, 10, 30, 60, 300, 900, 3600,
+)  # fmt: skip
 
 
 class Metrics:

@@ -50,6 +50,13 @@ async def worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def bench(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.bench import run_bench  # the harness is only imported when asked for
+
+    await run_bench(settings, events=args.events, json_path=args.json)
+    return 0
+
+
 async def dev(settings: Settings, args: argparse.Namespace) -> int:
     from workers.dev import run_dev  # the embedded stack is only imported when asked for
 

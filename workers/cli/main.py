@@ -10,13 +10,14 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from workers.cli import commands
+from workers.cli import commands, ledger
 from workers.cli.args import Parser, identifier, positive_int, timestamp
 from workers.errors import ChargelineError, UsageError
 from workers.logs import configure_logging
@@ -26,7 +27,7 @@ Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 # Modules that add command groups: each has `register(nouns)`, adding its subparsers with
 # `set_defaults(run=<async (settings, args) -> exit code>)`. One line per module.
-COMMAND_MODULES: list[Any] = []
+COMMAND_MODULES: list[Any] = [ledger]
 
 
 def _format(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +124,11 @@ def build_parser() -> Parser:  # noqa: PLR0915 -- a parser is a long flat list
     dlist.add_argument("--limit", type=positive_int, default=100)
     _format(dlist)
     dlist.set_defaults(run=commands.dlq_list)
+
+    bench = nouns.add_parser("bench", help="measure throughput, limits and latency here")
+    bench.add_argument("--events", type=positive_int, default=1_000_000)
+    bench.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    bench.set_defaults(run=commands.bench)
 
     for module in COMMAND_MODULES:
         module.register(nouns)

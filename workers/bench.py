@@ -1,0 +1,611 @@
+"""``chargeline bench``: throughput, limits and latency on this machine, in one run.
+
+Every figure is measured in the same run on the same servers, so the ratios (throughput
+against raw COPY, against the naive per-event consumer) mean something on a shared, noisy
+machine. Phases:
+
+1. publish a mixed load (80% usage across customers that hold grants, 20% charges across
+   20 flows, 5% exact duplicates, 0.1% malformed);
+2. raw consume: read it all with no processing (the broker's limit);
+3. drain: one ``chargeline worker all`` process applies the whole load (throughput, CPU
+   seconds per 1,000 events, peak RSS);
+4. raw COPY of the same rows into tables with the same unique indexes (Postgres's limit);
+5. naive: one transaction per event (the baseline every peer is compared with);
+6. a fixed-rate load at half the measured throughput: end-to-end latency (record append
+   to database commit, from the worker's histogram) and alert latency (depleting record's
+   append to the alert's append on billing.alerts);
+7. replay: a new consumer group re-reads the whole load (all duplicates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import psutil
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+from rich.console import Console
+from rich.table import Table
+
+from workers import db
+from workers.kafka import ensure_topics, make_producer, security_options
+from workers.settings import Settings
+
+console = Console(stderr=True)
+
+CUSTOMERS = 10_000
+FLOWS = 20
+PARTITIONS = 6
+
+
+@dataclass
+class Load:
+    """The records of the mixed load, in publication order, and what they contain."""
+
+    usage: list[tuple[bytes, bytes]] = field(default_factory=list)
+    charges: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.usage) + len(self.charges)
+
+
+def build_load(events: int, *, seed: int = 1, run: str = "") -> Load:
+    """``events`` records; grants for every customer first, so usage has something to eat."""
+    rng = random.Random(seed)  # noqa: S311 -- benchmark data, not secrets
+    load = Load()
+    customers = min(CUSTOMERS, max(10, events // 100))
+    unique_usage, unique_charges = [], []
+    for n in range(customers):
+        customer = f"cust-{n:05d}"
+        # Most grants are large; one customer in twenty runs dry, so alerts fire too.
+        tokens = 2_000 if n % 20 == 0 else 10_000_000
+        unique_usage.append(_grant(customer, f"{run}grant-{n}", tokens))
+    malformed = max(1, events // 1000)
+    duplicates = events * 5 // 100
+    fresh = events - customers - duplicates - malformed
+    usage_share = fresh * 80 // 100 + customers  # grants count as usage-topic events
+    for n in range(usage_share - customers):
+        customer = f"cust-{rng.randrange(customers):05d}"
+        unique_usage.append(_usage(customer, f"{run}req-{n}", rng.randint(1, 400), n))
+    for n in range(fresh - (usage_share - customers)):
+        customer = f"cust-{rng.randrange(customers):05d}"
+        unique_charges.append(_charge(f"flow-{n % FLOWS:02d}", customer, f"{run}job-{n}", rng))
+    load.usage = list(unique_usage)
+    load.charges = list(unique_charges)
+    for _ in range(duplicates):
+        if rng.random() < 0.8:
+            load.usage.append(rng.choice(unique_usage[customers:] or unique_usage))
+        else:
+            load.charges.append(rng.choice(unique_charges or unique_usage))
+    for n in range(malformed):
+        load.usage.append(
+            (b"cust-00001", b'{"type": "usage", "tokens": 1.5, "ref' + str(n).encode())
+        )
+    # Duplicates and poison spread through the load, not all at its end.
+    tail_u, tail_c = load.usage[customers:], load.charges
+    rng.shuffle(tail_u)
+    rng.shuffle(tail_c)
+    load.usage = load.usage[:customers] + tail_u
+    return load
+
+
+def _grant(customer: str, reference: str, tokens: int) -> tuple[bytes, bytes]:
+    event = {
+        "type": "credit_grant", "customer_ref": customer, "reference": reference,
+        "tokens": tokens, "cost_basis": "0.0001", "currency": "USD", "source": "purchase",
+    }  # fmt: skip
+    return customer.encode(), orjson.dumps(event)
+
+
+def _usage(customer: str, reference: str, tokens: int, n: int) -> tuple[bytes, bytes]:
+    event = {
+        "type": "usage", "customer_ref": customer, "reference": reference, "tokens": tokens,
+        "feature": ("chat", "images", "embeddings")[n % 3],
+    }  # fmt: skip
+    return customer.encode(), orjson.dumps(event)
+
+
+def _charge(flow: str, customer: str, reference: str, rng: random.Random) -> tuple[bytes, bytes]:
+    event = {
+        "type": "charge", "flow_id": flow, "customer_ref": customer, "reference": reference,
+        "amount": rng.randint(1, 50_000), "currency": rng.choice(("EUR", "USD", "JPY")),
+        "metadata": {"job": reference},
+    }  # fmt: skip
+    return customer.encode(), orjson.dumps(event)
+
+
+async def publish(settings: Settings, load: Load) -> float:
+    producer = make_producer(settings, client_id="chargeline-bench")
+    await producer.start()
+    started = time.monotonic()
+    try:
+        for topic, records in (
+            (settings.topic_usage, load.usage),
+            (settings.topic_charges, load.charges),
+        ):
+            pending = []
+            for key, value in records:
+                pending.append(await producer.send(topic, value=value, key=key))
+                if len(pending) >= 20_000:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+            await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return time.monotonic() - started
+
+
+async def raw_consume(settings: Settings, total: int) -> float:
+    """Records per second reading both topics with no processing at all."""
+    consumer = AIOKafkaConsumer(
+        group_id=None, enable_auto_commit=False, max_partition_fetch_bytes=8 << 20,
+        fetch_max_bytes=64 << 20, **security_options(settings),
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        tps = [
+            TopicPartition(topic, p)
+            for topic in (settings.topic_usage, settings.topic_charges)
+            for p in range(PARTITIONS)
+        ]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        seen = 0
+        started = time.monotonic()
+        while seen < total:
+            batch = await consumer.getmany(timeout_ms=500, max_records=50_000)
+            seen += sum(len(records) for records in batch.values())
+        return total / (time.monotonic() - started)
+    finally:
+        await consumer.stop()
+
+
+class WorkerRun:
+    """A real ``chargeline worker all`` process, watched through its /metrics."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.port = _free_port()
+        env = {
+            **os.environ,
+            **settings_env(settings.model_copy(update={"metrics_port": self.port})),
+        }
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli.main", "worker", "all"],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.ps = psutil.Process(self.process.pid)
+
+    async def metrics(self) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        try:
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                text = await response.text()
+        except aiohttp.ClientError:
+            return {}
+        samples: dict[str, Any] = {"events": 0.0, "lag_buckets": {}, "lag_count": 0.0}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "chargeline_events_total":
+                    samples["events"] += s.value
+                elif s.name == "chargeline_event_lag_seconds_bucket":
+                    le = float(s.labels["le"])
+                    samples["lag_buckets"][le] = samples["lag_buckets"].get(le, 0.0) + s.value
+                elif s.name == "chargeline_event_lag_seconds_count":
+                    samples["lag_count"] += s.value
+        return samples
+
+    async def wait_events(self, at_least: float, *, limit_s: float = 900) -> tuple[float, float]:
+        """(time of the first processed batch, time when ``at_least`` events were counted)."""
+        first = None
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}")
+            events = (await self.metrics()).get("events", 0.0)
+            now = time.monotonic()
+            if first is None and events > 0:
+                first = now
+            if events >= at_least:
+                return first or now, now
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"worker did not reach {at_least} events in {limit_s}s")
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def peak_rss_mib(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        shown = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        env[f"CHARGELINE_{name.upper()}"] = (
+            str(shown).lower() if isinstance(shown, bool) else str(shown)
+        )
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def raw_copy(settings: Settings, load: Load) -> float:
+    """Rows per second COPYed into copies of the usage and charges tables (same unique
+    indexes), from the same events: what Postgres itself allows on this machine."""
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        await conn.execute(
+            "CREATE TEMP TABLE bench_usage (LIKE usage_events INCLUDING ALL);"
+            "CREATE TEMP TABLE bench_charges (LIKE charges INCLUDING ALL)"
+        )
+        usage_rows: list[tuple[Any, ...]] = []
+        charge_rows: list[tuple[Any, ...]] = []
+        seen_u, seen_c = set(), set()
+        now = time.time()
+        from datetime import UTC, datetime
+
+        at = datetime.fromtimestamp(now, UTC)
+        for key, value in load.usage:
+            try:
+                event = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                continue
+            if event["type"] != "usage" or (key, event["reference"]) in seen_u:
+                continue
+            seen_u.add((key, event["reference"]))
+            usage_rows.append(
+                (
+                    event["customer_ref"],
+                    event["reference"],
+                    event["tokens"],
+                    event.get("feature"),
+                    at,
+                    b"f" * 32,
+                    "t",
+                    0,
+                    len(usage_rows),
+                )
+            )
+        for _key, value in load.charges:
+            event = orjson.loads(value)
+            if (event["flow_id"], event["reference"]) in seen_c:
+                continue
+            seen_c.add((event["flow_id"], event["reference"]))
+            charge_rows.append(
+                (
+                    event["flow_id"],
+                    event["reference"],
+                    event["customer_ref"],
+                    event["amount"],
+                    event["currency"],
+                    at,
+                    b"f" * 32,
+                    value.decode(),
+                    "t",
+                    0,
+                    len(charge_rows),
+                )
+            )
+        started = time.monotonic()
+        async with conn.transaction():
+            await conn.copy_records_to_table(
+                "bench_usage", records=usage_rows,
+                columns=("customer_ref", "reference", "tokens", "feature", "occurred_at",
+                         "fingerprint", "source_topic", "source_partition", "source_offset"),
+            )  # fmt: skip
+            await conn.copy_records_to_table(
+                "bench_charges", records=charge_rows,
+                columns=("flow_id", "reference", "customer_ref", "amount", "currency",
+                         "occurred_at", "fingerprint", "payload", "source_topic",
+                         "source_partition", "source_offset"),
+            )  # fmt: skip
+        return (len(usage_rows) + len(charge_rows)) / (time.monotonic() - started)
+    finally:
+        await conn.close()
+
+
+async def naive(settings: Settings, budget_s: float = 10.0) -> float:
+    """The baseline: consume and apply one event per transaction (dedup row + balance)."""
+    conn = await asyncpg.connect(settings.dsn)
+    consumer = AIOKafkaConsumer(
+        group_id=None, enable_auto_commit=False, **security_options(settings)
+    )
+    await consumer.start()
+    try:
+        await conn.execute(
+            "CREATE TABLE naive_usage (customer_ref text, reference text, tokens bigint, "
+            "PRIMARY KEY (customer_ref, reference));"
+            "CREATE TABLE naive_balance (customer_ref text PRIMARY KEY, balance bigint)"
+        )
+        tps = [TopicPartition(settings.topic_usage, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        done = 0
+        started = time.monotonic()
+        while time.monotonic() - started < budget_s:
+            batch = await consumer.getmany(timeout_ms=200, max_records=500)
+            for records in batch.values():
+                for record in records:
+                    try:
+                        event = orjson.loads(record.value)
+                        tokens = int(event.get("tokens", 0))
+                    except (orjson.JSONDecodeError, ValueError):
+                        continue
+                    async with conn.transaction():
+                        inserted = await conn.fetchval(
+                            "INSERT INTO naive_usage VALUES ($1, $2, $3) ON CONFLICT DO NOTHING "
+                            "RETURNING 1", event["customer_ref"], event["reference"], tokens,
+                        )  # fmt: skip
+                        if inserted:
+                            await conn.execute(
+                                "INSERT INTO naive_balance VALUES ($1, -$2::bigint) "
+                                "ON CONFLICT (customer_ref) DO UPDATE "
+                                "SET balance = naive_balance.balance - $2::bigint",
+                                event["customer_ref"], tokens,
+                            )  # fmt: skip
+                    done += 1
+        return done / (time.monotonic() - started)
+    finally:
+        await consumer.stop()
+        await conn.close()
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float:
+    """Prometheus's histogram_quantile over cumulative buckets: linear within a bucket."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if total == 0:
+        return float("nan")
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            width = count - lower_count
+            return lower_bound + (bound - lower_bound) * (
+                (rank - lower_count) / width if width else 1
+            )
+        lower_bound, lower_count = bound, count
+    return bounds[-2]
+
+
+def _diff(after: dict[float, float], before: dict[float, float]) -> dict[float, float]:
+    return {le: after[le] - before.get(le, 0.0) for le in after}
+
+
+async def fixed_rate(
+    settings: Settings, worker: WorkerRun, rate: float, seconds: float, run: str, already: int
+) -> dict[str, float]:
+    """Usage at ``rate`` records/s for ``seconds``; some of it depletes fresh customers.
+    Returns p50/p99 end-to-end latency and the p99 alert latency, in milliseconds."""
+    before = (await worker.metrics())["lag_buckets"]
+    producer = make_producer(settings, client_id="chargeline-bench-rate")
+    await producer.start()
+    sent: dict[str, float] = {}  # depleting reference -> append time (ms)
+    count = 0
+    try:
+        # Customers of this phase hold 1,000 tokens; their 3rd usage of 400 depletes them.
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < seconds:
+            due = int((time.monotonic() - started) * rate)
+            while n < due:
+                customer = f"{run}lat-{n // 4:06d}"
+                if n % 4 == 0:
+                    value = orjson.loads(_grant(customer, f"{run}lat-grant-{n}", 1_000)[1])
+                else:
+                    value = orjson.loads(_usage(customer, f"{run}lat-{n}", 400, n)[1])
+                metadata = await (
+                    await producer.send(
+                        settings.topic_usage, value=orjson.dumps(value), key=customer.encode()
+                    )
+                )
+                if n % 4 == 3:
+                    sent[value["reference"]] = metadata.timestamp
+                n += 1
+                count += 1
+            await asyncio.sleep(0.005)
+    finally:
+        await producer.stop()
+    await worker.wait_events(already + count, limit_s=120)
+    deadline = time.monotonic() + 60
+    alert_latencies: list[float] = []
+    consumer = AIOKafkaConsumer(
+        group_id=None, enable_auto_commit=False, **security_options(settings)
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.topic_alerts, p) for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        while len(alert_latencies) < len(sent) and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    alert = orjson.loads(record.value)
+                    reference = alert["cause"]["reference"]
+                    if alert["type"] == "credit_balance_depleted" and reference in sent:
+                        alert_latencies.append(record.timestamp - sent[reference])
+    finally:
+        await consumer.stop()
+    await asyncio.sleep(1)
+    lag = _diff((await worker.metrics())["lag_buckets"], before)
+    alert_latencies.sort()
+    return {
+        "latency_records": float(count),
+        "latency_p50_ms": histogram_quantile(0.5, lag) * 1000,
+        "latency_p99_ms": histogram_quantile(0.99, lag) * 1000,
+        "alert_latency_p99_ms": (
+            alert_latencies[min(len(alert_latencies) - 1, int(len(alert_latencies) * 0.99))]
+            if alert_latencies
+            else float("nan")
+        ),
+        "alerts_measured": float(len(alert_latencies)),
+    }
+
+
+async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring lists them
+    settings: Settings, *, events: int, json_path: Path | None
+) -> dict[str, Any]:
+    from workers.devstack import LocalStack
+
+    own_stack = not (
+        os.environ.get("CHARGELINE_DATABASE_URL")
+        and os.environ.get("CHARGELINE_KAFKA_BOOTSTRAP_SERVERS")
+    )
+    stack = None
+    if own_stack:
+        console.print("starting the embedded stack (fsync on)...")
+        stack = await asyncio.to_thread(LocalStack.start, fsync=True)
+        env = stack.env()
+        settings = settings.model_copy(
+            update={
+                "database_url": SecretStr(
+                    env["CHARGELINE_DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
+                ),
+                "kafka_bootstrap_servers": env["CHARGELINE_KAFKA_BOOTSTRAP_SERVERS"],
+                "kafka_idempotent_producer": False,
+            }
+        )
+    run = uuid.uuid4().hex[:6]
+    settings = settings.model_copy(
+        update={
+            "topic_charges": f"bench{run}.charges",
+            "topic_usage": f"bench{run}.usage",
+            "topic_alerts": f"bench{run}.alerts",
+            "topic_payouts": f"bench{run}.payouts",
+            "topic_dlq": f"bench{run}.dlq",
+            "consumer_group": f"bench{run}",
+            "log_level": "warning",
+            "log_format": "json",
+        }
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="chargeline-bench-"))
+    results: dict[str, Any] = {"events": events}
+    try:
+        await db.migrate(settings.dsn)
+        await ensure_topics(settings, partitions=PARTITIONS)
+        conn = await asyncpg.connect(settings.dsn)
+        for n in range(FLOWS):
+            await conn.execute(db.QUERIES["flow_create"], f"flow-{n:02d}", f"Flow {n}", "default")
+        await conn.close()
+
+        console.print(f"building a load of {events:,} events...")
+        load = build_load(events, run=f"{run}-")
+        console.print("publishing...")
+        results["publish_s"] = await publish(settings, load)
+        console.print("raw consume...")
+        results["raw_consume_eps"] = await raw_consume(settings, load.total)
+
+        console.print("draining with one worker process...")
+        worker = WorkerRun(settings, workdir / "worker.log")
+        try:
+            cpu_before = worker.cpu_seconds()
+            first, last = await worker.wait_events(load.total)
+            cpu = worker.cpu_seconds() - cpu_before
+            results["throughput_eps"] = load.total / (last - first)
+            results["drain_s"] = last - first
+            results["cpu_s_per_1k_events"] = cpu / load.total * 1000
+            results["worker_peak_rss_mib"] = worker.peak_rss_mib()
+            console.print("fixed-rate load at half capacity...")
+            results.update(
+                await fixed_rate(
+                    settings, worker, results["throughput_eps"] / 2, 20.0, run, load.total
+                )
+            )
+        finally:
+            worker.stop()
+
+        console.print("raw COPY...")
+        results["raw_copy_eps"] = await raw_copy(settings, load)
+        console.print("naive per-event transactions...")
+        results["naive_eps"] = await naive(settings)
+
+        console.print("replay (a new group re-reads everything: all duplicates)...")
+        replayer = WorkerRun(
+            settings.model_copy(update={"consumer_group": f"bench{run}-replay"}),
+            workdir / "replay.log",
+        )
+        try:
+            # The replay group reads the fixed-rate records too.
+            first, last = await replayer.wait_events(load.total + results["latency_records"])
+            results["replay_eps"] = (load.total + results["latency_records"]) / (last - first)
+        finally:
+            replayer.stop()
+    finally:
+        if stack is not None:
+            await asyncio.to_thread(stack.stop)
+    results["ratio_throughput_to_raw_copy"] = results["throughput_eps"] / results["raw_copy_eps"]
+    results["ratio_throughput_to_naive"] = results["throughput_eps"] / results["naive_eps"]
+    results["ratio_throughput_to_raw_consume"] = (
+        results["throughput_eps"] / results["raw_consume_eps"]
+    )
+    results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    show(results)
+    if json_path is not None:
+        document = orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        await asyncio.to_thread(json_path.write_bytes, document)
+        console.print(f"wrote {json_path}")
+    return results
+
+
+def show(results: dict[str, Any]) -> None:
+    table = Table(title=f"chargeline bench: {results['events']:,} events")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target / note")
+    rows = [
+        ("throughput (events/s, one worker)", results["throughput_eps"], ">= 30,000"),
+        ("raw consume (records/s)", results["raw_consume_eps"], "broker limit"),
+        ("raw COPY (rows/s)", results["raw_copy_eps"], "Postgres limit"),
+        ("naive (events/s)", results["naive_eps"], "one transaction per event"),
+        ("throughput / raw COPY", results["ratio_throughput_to_raw_copy"], ">= 0.40"),
+        ("throughput / naive", results["ratio_throughput_to_naive"], ">= 50"),
+        ("latency p50 (ms) at half capacity", results["latency_p50_ms"], ""),
+        ("latency p99 (ms) at half capacity", results["latency_p99_ms"], "< 500"),
+        ("alert latency p99 (ms)", results["alert_latency_p99_ms"], "< 1,000"),
+        ("replay, all duplicates (events/s)", results["replay_eps"], ">= 60,000"),
+        ("worker peak RSS (MiB)", results["worker_peak_rss_mib"], "< 256"),
+        ("CPU s per 1,000 events", results["cpu_s_per_1k_events"], ""),
+    ]
+    for name, value, note in rows:
+        table.add_row(name, f"{value:,.2f}" if value < 100 else f"{value:,.0f}", note)
+    Console().print(table)
