@@ -235,7 +235,12 @@ class ConsumerLoop:
             log.warning("worker_stopped_with_batch_unapplied", worker=self.name, reason=str(exc))
         finally:
             self.metrics.ready.labels(worker=self.name).set(0)
-            await self.consumer.stop()
+            try:
+                # Leaving the group lets the others take the partitions at once; if the
+                # broker does not answer, the session timeout will do it instead.
+                await asyncio.wait_for(self.consumer.stop(), timeout=10)
+            except TimeoutError:
+                log.warning("consumer_stop_timeout", worker=self.name)
             log.info(
                 "worker_stopped",
                 worker=self.name,
