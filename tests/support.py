@@ -202,3 +202,86 @@ async def outbox_empty(settings: Settings) -> bool:
     return bool(
         await fetchval(settings, "SELECT count(*) = 0 FROM outbox WHERE published_at IS NULL")
     )
+
+
+async def assert_invariants(settings: Settings) -> None:
+    """`chargeline verify`'s checks pass on this test's database."""
+    from workers.verify import verify
+
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        report = await verify(conn)
+    finally:
+        await conn.close()
+    assert report.ok, orjson.dumps(report.as_dict(), default=str).decode()
+
+
+# --- payouts ---
+
+
+async def create_flows(settings: Settings, flows: Iterable[tuple[str, str]]) -> None:
+    """Active flows as (flow_id, payee_ref)."""
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        for flow_id, payee in flows:
+            await conn.execute(db.QUERIES["flow_create"], flow_id, flow_id, payee)
+    finally:
+        await conn.close()
+
+
+async def insert_charges(
+    conn: asyncpg.Connection,
+    flow: str,
+    count: int,
+    *,
+    currency: str = "EUR",
+    recorded_at: Any = None,
+    prefix: str = "r",
+) -> int:
+    """``count`` charges straight into Postgres (bypassing Kafka: faster, and ``recorded_at``
+    can be set in the past); amounts vary. Returns their total."""
+    total: int = await conn.fetchval(
+        """WITH new AS (
+               INSERT INTO charges (flow_id, reference, customer_ref, amount, currency,
+                                    occurred_at, recorded_at, fingerprint, payload,
+                                    source_topic, source_partition, source_offset)
+               SELECT $1, $2 || '-' || g, 'cust_' || (g % 17), 100 + (g % 7) * 25, $3,
+                      coalesce($4, now()), coalesce($4, now()), '\\x00', '{}', 'test', 0, g
+               FROM generate_series(1, $5::int) g
+               RETURNING amount)
+           SELECT coalesce(sum(amount), 0)::bigint FROM new""",
+        flow,
+        f"{prefix}-{flow}-{currency}",
+        currency,
+        recorded_at,
+        count,
+    )
+    return total
+
+
+async def payout_violations(settings: Settings) -> list[dict[str, Any]]:
+    """Rows breaking invariant 3 (SPEC.md section 9): a payout whose count or total differs
+    from the charges naming it; a paid-out charge without a payout in its currency."""
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        return [
+            {"check": query, **dict(row.items())}
+            for query in ("verify_payout_totals", "verify_payout_charges")
+            for row in await conn.fetch(db.QUERIES[query], 100)
+        ]
+    finally:
+        await conn.close()
+
+
+def chargeline(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `chargeline` command line as a subprocess, configured by ``settings``."""
+    from tests.conftest import settings_env
+
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli.main", *args],
+        env={**os.environ, **settings_env(settings)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -83,9 +83,43 @@ class Metrics:
         self.alerts = Counter(
             "chargeline_alerts", "Alerts written to the outbox, by type.", ["type"], registry=r
         )
+        self.verify_violations = Gauge(
+            "chargeline_verify_violations",
+            "Rows breaking each invariant of SPEC section 9 at the last verify (0: none).",
+            ["invariant"],
+            registry=r,
+        )
+        self.verify_last_run = Gauge(
+            "chargeline_verify_last_run_timestamp_seconds",
+            "When verify last completed (Unix time).",
+            registry=r,
+        )
         self.ready = Gauge(
             "chargeline_worker_ready",
             "1 when the worker's consumer is assigned and its database reachable.",
             ["worker"],
+            registry=r,
+        )
+        # --- payouts ---
+        self.payouts = Counter(
+            "chargeline_payouts",
+            "Payouts closed by this process's payouts worker, by currency.",
+            ["currency"],
+            registry=r,
+        )
+        self.payout_amount = Counter(
+            "chargeline_payout_amount",
+            "Amount paid out in closed payouts, in the currency's minor units, by currency.",
+            ["currency"],
+            registry=r,
+        )
+        self.charges_awaiting_payout = Gauge(
+            "chargeline_charges_awaiting_payout",
+            "Recorded charges not yet in a payout.",
+            registry=r,
+        )
+        self.oldest_unpaid_charge_age = Gauge(
+            "chargeline_oldest_unpaid_charge_age_seconds",
+            "Age (since recorded_at) of the oldest charge not yet in a payout (0 when none).",
             registry=r,
         )

@@ -86,6 +86,26 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="How often the expiry worker looks for due grants."
     )
     expiry_batch_size: int = Field(default=500, ge=1)
+    verify_interval_s: float = Field(
+        default=300.0, gt=0, description="How often the verify worker checks the invariants."
+    )
+
+    # --- payouts ---
+    payout_period: Literal["hourly", "daily"] = Field(
+        default="hourly", description="Length of a payout period; periods end on UTC boundaries."
+    )
+    payout_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="Delay after a period's end before the payouts worker closes it, so charges "
+        "still being recorded at the boundary land in their own period.",
+    )
+    payout_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often the payouts worker looks for a period to close and for payouts "
+        "to send to Stripe.",
+    )
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

@@ -10,7 +10,16 @@ import signal
 from pathlib import Path
 
 from tests.conftest import settings_env
-from tests.support import charge, fetchval, produce, record, setup_pipeline, spawn_worker, wait_for
+from tests.support import (
+    assert_invariants,
+    charge,
+    fetchval,
+    produce,
+    record,
+    setup_pipeline,
+    spawn_worker,
+    wait_for,
+)
 from workers.settings import Settings
 
 EVENTS = 20_000
@@ -66,6 +75,7 @@ async def test_sigkill_mid_load_loses_and_duplicates_nothing(
     assert total == sum(e["amount"] for e in unique)
     assert dead == 20
     assert await fetchval(settings, "SELECT count(*) FROM outbox WHERE kind = 'dead_letter'") == 20
+    await assert_invariants(settings)
 
 
 async def _charges_at_least(settings: Settings, n: int) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 from tests.conftest import settings_env
 from tests.support import (
+    assert_invariants,
     fetch,
     fetchval,
     grant,
@@ -114,6 +115,7 @@ async def test_three_workers_with_rebalances_keep_every_balance_exact(
     for row in alert_rows:
         observed[row["customer_ref"]].append(row["type"])
     assert dict(observed) == crossings
+    await assert_invariants(settings)
     usage_rows = await fetchval(settings, "SELECT count(*) FROM usage_events")
     print(
         f"injected {injected} into 3 usage workers over {len(events)} events; checked "

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from tests.support import (
+    assert_invariants,
     charge,
     consume_all,
     fetch,
@@ -127,6 +128,7 @@ async def test_thousand_events_with_duplicates_conflicts_and_bad_input(settings:
         assert headers["chargeline.source.topic"].decode() == topic
         assert int(headers["chargeline.source.offset"]) >= 0
     assert by_reason == reasons
+    await assert_invariants(settings)
 
 
 async def _published(settings: Settings) -> bool:

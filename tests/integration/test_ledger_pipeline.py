@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from tests.support import (
     alerts_on_topic,
+    assert_invariants,
     fetch,
     fetchval,
     grant,
@@ -102,6 +103,7 @@ async def test_orb_token_guide_scenario(settings: Settings) -> None:
         ("credit_balance_recovered", -130, 99_870, "purchase-790"),
     ]
     assert len({a["alert_id"] for a in alerts}) == 3
+    await assert_invariants(settings)
 
 
 async def test_usage_then_grant_in_one_batch_gives_depleted_then_recovered(
@@ -135,6 +137,7 @@ async def test_replaying_the_usage_topic_changes_nothing(settings: Settings) -> 
     assert await fetch(settings, "SELECT customer_ref, balance FROM customers ORDER BY 1") == before
     assert await fetchval(settings, "SELECT count(*) FROM ledger_entries") == entries
     assert await fetchval(settings, "SELECT count(*) FROM alerts") == alerts
+    await assert_invariants(settings)
 
 
 async def test_malformed_usage_and_grants_are_dead_lettered_and_neighbours_applied(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import orjson
 
 from workers import db
 from workers.app import WORKER_KINDS, WorkerProcess
-from workers.cli.output import emit_object, emit_rows
+from workers.cli.output import emit_object, emit_rows, to_json
 from workers.errors import NotFoundError, UsageError
 from workers.kafka import ensure_topics
 from workers.publish import publish_file
@@ -178,6 +179,29 @@ async def publish(settings: Settings, args: argparse.Namespace) -> int:
         title="published",
     )
     return 0
+
+
+async def verify(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.verify import verify as run_checks
+
+    conn = await _connect(settings)
+    try:
+        report = await run_checks(conn, limit=args.limit)
+    finally:
+        await conn.close()
+    if args.format == "json":
+        sys.stdout.write(to_json(report.as_dict()) + "\n")
+    else:
+        for violation in report.violations:
+            print(
+                f"invariant {violation.invariant} ({violation.check}): {violation.description}"
+                f" ({len(violation.rows)} row(s) shown)"
+            )
+            for row in violation.rows:
+                print("  " + orjson.dumps(row, default=str).decode())
+        verdict = "ok" if report.ok else f"{len(report.violations)} check(s) failed"
+        print(f"verify: {verdict} ({report.checks} checks in {report.seconds:.2f}s)")
+    return 0 if report.ok else 1
 
 
 DEAD_LETTER_COLUMNS = ["id", "reason", "topic", "partition", "offset", "detail", "created_at"]

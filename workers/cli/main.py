@@ -17,7 +17,7 @@ import asyncpg
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from workers.cli import commands, ledger
+from workers.cli import commands, ledger, payouts
 from workers.cli.args import Parser, identifier, positive_int, timestamp
 from workers.errors import ChargelineError, UsageError
 from workers.logs import configure_logging
@@ -27,7 +27,7 @@ Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 # Modules that add command groups: each has `register(nouns)`, adding its subparsers with
 # `set_defaults(run=<async (settings, args) -> exit code>)`. One line per module.
-COMMAND_MODULES: list[Any] = [ledger]
+COMMAND_MODULES: list[Any] = [ledger, payouts]
 
 
 def _format(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +124,11 @@ def build_parser() -> Parser:  # noqa: PLR0915 -- a parser is a long flat list
     dlist.add_argument("--limit", type=positive_int, default=100)
     _format(dlist)
     dlist.set_defaults(run=commands.dlq_list)
+
+    check = nouns.add_parser("verify", help="check the invariants; exit 1 on any violation")
+    check.add_argument("--limit", type=positive_int, default=20, help="rows shown per check")
+    check.add_argument("--format", choices=("table", "json"), default="table")
+    check.set_defaults(run=commands.verify)
 
     bench = nouns.add_parser("bench", help="measure throughput, limits and latency here")
     bench.add_argument("--events", type=positive_int, default=1_000_000)

@@ -1,0 +1,79 @@
+"""`chargeline verify` passes on a healthy database and finds deliberate corruption."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import asyncpg
+
+from tests.integration.test_cli import cli
+from tests.support import (
+    charge,
+    grant,
+    ingest_done,
+    outbox_empty,
+    produce,
+    record,
+    running_worker,
+    setup_pipeline,
+    usage,
+    wait_for,
+)
+from workers.settings import Settings
+
+
+async def _load(settings: Settings) -> None:
+    await setup_pipeline(settings, partitions=2, flows=[("flow_a", "active")])
+    usage_events = [
+        grant("c1", "g1", 100),
+        usage("c1", "u1", 150),
+        grant("c1", "g2", 500),
+        usage("c2", "u2", 5),
+    ]
+    charges = [
+        record(charge("flow_a", "c1", "r1")),
+        record(charge("flow_a", "c1", "r1", 7)),
+        record(b"{bad", "c1"),
+    ]
+    async with running_worker(settings) as process:
+        await produce(settings, settings.topic_usage, [record(e) for e in usage_events])
+        await produce(
+            settings,
+            settings.topic_charges,
+            [record(e) if isinstance(e, dict) else record(e, "c1") for e in charges],
+        )
+        await wait_for(functools.partial(ingest_done, process, 7), what="7 records")
+        await wait_for(functools.partial(outbox_empty, settings), what="outbox")
+
+
+def verdict(settings: Settings) -> tuple[int, dict[str, Any]]:
+    import orjson
+
+    done = cli(settings, "verify", "--format", "json")
+    return done.returncode, orjson.loads(done.stdout)
+
+
+async def test_verify_passes_then_finds_each_corruption(settings: Settings) -> None:
+    await _load(settings)
+    code, report = verdict(settings)
+    assert (code, report["ok"], report["violations"]) == (0, True, [])
+
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        await conn.execute("UPDATE customers SET balance = balance + 1 WHERE customer_ref = 'c1'")
+        code, report = verdict(settings)
+        assert code == 1 and not report["ok"]
+        assert {v["check"] for v in report["violations"]} == {"balances"}
+        assert report["violations"][0]["rows"][0]["customer_ref"] == "c1"
+        await conn.execute("UPDATE customers SET balance = balance - 1 WHERE customer_ref = 'c1'")
+
+        await conn.execute("DELETE FROM ledger_entries WHERE customer_ref = 'c2'")
+        code, report = verdict(settings)
+        checks = {v["check"] for v in report["violations"]}
+        assert code == 1 and {"balances", "usage_applied_once"} <= checks
+    finally:
+        await conn.close()
+    table = cli(settings, "verify")
+    assert table.returncode == 1
+    assert "invariant 2 (balances)" in table.stdout and "c2" in table.stdout

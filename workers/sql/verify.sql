@@ -1,0 +1,125 @@
+-- Each query returns the rows that break one invariant (SPEC.md section 9), at most $1.
+-- Set-based: one pass per check over the tables, no per-customer loops.
+
+-- name: verify_duplicate_keys
+SELECT 'charge' AS kind, flow_id AS key1, reference AS key2, count(*) AS copies
+FROM charges GROUP BY flow_id, reference HAVING count(*) > 1
+UNION ALL
+SELECT 'usage', customer_ref, reference, count(*)
+FROM usage_events GROUP BY customer_ref, reference HAVING count(*) > 1
+UNION ALL
+SELECT 'credit_grant', customer_ref, reference, count(*)
+FROM grants GROUP BY customer_ref, reference HAVING count(*) > 1
+LIMIT $1;
+
+-- name: verify_usage_applied_once
+-- Every usage event is in the ledger exactly once: its entries add up to its tokens.
+SELECT u.usage_id, u.customer_ref, u.reference, u.tokens, e.consumed, e.entries
+FROM usage_events u
+LEFT JOIN (
+    SELECT usage_id, -sum(amount) AS consumed, count(*) AS entries
+    FROM ledger_entries WHERE usage_id IS NOT NULL GROUP BY usage_id
+) e USING (usage_id)
+WHERE e.consumed IS DISTINCT FROM u.tokens
+LIMIT $1;
+
+-- name: verify_conflicts_recorded
+SELECT d.dead_letter_id, d.topic, d.partition, d."offset"
+FROM dead_letters d
+LEFT JOIN conflicts c USING (topic, partition, "offset")
+WHERE d.reason = 'reference_conflict' AND c.conflict_id IS NULL
+LIMIT $1;
+
+-- name: verify_balances
+-- balance = sum of ledger entries = grants remaining - overage, and overage = its entries.
+WITH ledger AS (
+    SELECT customer_ref, sum(amount) AS total, sum(overage_delta) AS overage
+    FROM ledger_entries GROUP BY customer_ref
+), remaining AS (
+    SELECT customer_ref, sum(remaining) AS total FROM grants GROUP BY customer_ref
+)
+SELECT c.customer_ref, c.balance, coalesce(l.total, 0) AS ledger_sum,
+       coalesce(r.total, 0) AS grants_remaining, c.overage,
+       coalesce(l.overage, 0) AS ledger_overage
+FROM customers c
+LEFT JOIN ledger l USING (customer_ref)
+LEFT JOIN remaining r USING (customer_ref)
+WHERE c.balance <> coalesce(l.total, 0)
+   OR c.balance <> coalesce(r.total, 0) - c.overage
+   OR c.overage <> coalesce(l.overage, 0)
+UNION ALL
+-- Ledger entries of customers that have no balance row.
+SELECT l.customer_ref, NULL, sum(l.amount), NULL, NULL, NULL
+FROM ledger_entries l
+LEFT JOIN customers c USING (customer_ref)
+WHERE c.customer_ref IS NULL
+GROUP BY l.customer_ref
+LIMIT $1;
+
+-- name: verify_grants
+-- Per grant: tokens left = the sum of its ledger deltas.
+SELECT g.grant_id, g.customer_ref, g.reference, g.remaining, coalesce(e.delta, 0) AS ledger_delta
+FROM grants g
+LEFT JOIN (
+    SELECT grant_id, sum(grant_delta) AS delta FROM ledger_entries
+    WHERE grant_id IS NOT NULL GROUP BY grant_id
+) e USING (grant_id)
+WHERE g.remaining <> coalesce(e.delta, 0)
+LIMIT $1;
+
+-- name: verify_ledger_sequence
+-- Entries of a customer are numbered 1..n without gaps, each balance_after a running sum.
+SELECT customer_ref, seq, balance_after, running
+FROM (
+    SELECT customer_ref, seq, balance_after,
+           sum(amount) OVER (PARTITION BY customer_ref ORDER BY seq) AS running,
+           row_number() OVER (PARTITION BY customer_ref ORDER BY seq) AS position
+    FROM ledger_entries
+) e
+WHERE balance_after <> running OR seq <> position
+LIMIT $1;
+
+-- name: verify_alerts
+-- Each depleted/recovered alert is a crossing at its ledger position, and per customer
+-- they alternate, starting with recovered (a new customer starts at 0).
+SELECT a.alert_id::text, a.customer_ref, a.type, a.previous_balance, a.balance,
+       e.balance_after, a.previous_type
+FROM (
+    SELECT alert_id, customer_ref, type, previous_balance, balance, ledger_seq,
+           lag(type) OVER (PARTITION BY customer_ref ORDER BY ledger_seq, created_at) AS previous_type
+    FROM alerts
+    WHERE type IN ('credit_balance_depleted', 'credit_balance_recovered')
+) a
+LEFT JOIN ledger_entries e ON e.customer_ref = a.customer_ref AND e.seq = a.ledger_seq
+WHERE e.balance_after IS DISTINCT FROM a.balance
+   OR (a.type = 'credit_balance_depleted'
+       AND NOT (a.previous_balance > 0 AND a.balance <= 0))
+   OR (a.type = 'credit_balance_recovered'
+       AND NOT (a.previous_balance <= 0 AND a.balance > 0))
+   OR a.type = a.previous_type
+   OR (a.previous_type IS NULL AND a.type <> 'credit_balance_recovered')
+LIMIT $1;
+
+-- name: verify_alerts_in_outbox
+-- Every alert was written to the outbox exactly once.
+SELECT a.alert_id::text, a.customer_ref, a.type, count(o.outbox_id) AS outbox_rows
+FROM alerts a
+LEFT JOIN outbox o
+       ON o.kind = 'alert'
+      AND (convert_from(o.record_value, 'UTF8')::jsonb ->> 'alert_id') = a.alert_id::text
+GROUP BY a.alert_id, a.customer_ref, a.type
+HAVING count(o.outbox_id) <> 1
+LIMIT $1;
+
+-- name: verify_dead_letters
+-- Every dead letter once per source position, with that position, and once on billing.dlq.
+SELECT topic, partition, "offset", count(*) AS copies
+FROM dead_letters
+GROUP BY topic, partition, "offset"
+HAVING count(*) > 1 OR topic IS NULL OR partition IS NULL OR "offset" IS NULL
+UNION ALL
+SELECT 'outbox rows for dead letters', NULL, NULL,
+       (SELECT count(*) FROM outbox WHERE kind = 'dead_letter') - (SELECT count(*) FROM dead_letters)
+WHERE (SELECT count(*) FROM outbox WHERE kind = 'dead_letter')
+      <> (SELECT count(*) FROM dead_letters)
+LIMIT $1;
