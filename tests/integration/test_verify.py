@@ -38,11 +38,7 @@ async def _load(settings: Settings) -> None:
     ]
     async with running_worker(settings) as process:
         await produce(settings, settings.topic_usage, [record(e) for e in usage_events])
-        await produce(
-            settings,
-            settings.topic_charges,
-            [record(e) if isinstance(e, dict) else record(e, "c1") for e in charges],
-        )
+        await produce(settings, settings.topic_charges, charges)
         await wait_for(functools.partial(ingest_done, process, 7), what="7 records")
         await wait_for(functools.partial(outbox_empty, settings), what="outbox")
 
