@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,16 +17,26 @@ from workers.kafka import make_consumer, make_producer
 from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.outbox import OutboxRelay
+from workers.payouts import PayoutWorker
+from workers.reloads import ReloadWorker
 from workers.runtime import BatchProcessor, ConsumerLoop, Handler
 from workers.settings import Settings
 from workers.usage import UsageHandler
+from workers.verify import VerifyWorker
 
 log = get_logger("chargeline.app")
 
 # Worker kinds a process can run. `all` runs every one in one process: ingest handlers
-# share one consumer (one group member), the relay runs beside it on its own connection.
+# share one consumer (one group member); the relay and the periodic workers run beside it,
+# each on its own pooled connection, so none of them blocks ingestion.
 INGEST_KINDS = ("charges", "usage")
-WORKER_KINDS = ("all", *INGEST_KINDS, "outbox", "expiry")
+PERIODIC_WORKERS: dict[str, Callable[[Settings, Any, Metrics], Any]] = {
+    "expiry": ExpiryWorker,
+    "reloads": ReloadWorker,
+    "payouts": PayoutWorker,
+    "verify": VerifyWorker,
+}
+WORKER_KINDS = ("all", *INGEST_KINDS, "outbox", *PERIODIC_WORKERS)
 
 
 def build_handlers(settings: Settings, kinds: Sequence[str]) -> list[Handler]:
@@ -59,8 +69,10 @@ class WorkerProcess:
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         settings = self.settings
-        kinds = {*INGEST_KINDS, "outbox", "expiry"} if "all" in self.kinds else set(self.kinds)
-        pool = await db.create_pool(settings.dsn, min_size=1, max_size=4)
+        kinds = set(WORKER_KINDS) - {"all"} if "all" in self.kinds else set(self.kinds)
+        # A connection for each loop (the relay keeps one for its leader lock) and a spare,
+        # so a periodic worker never makes the ingest loop wait for a connection.
+        pool = await db.create_pool(settings.dsn, min_size=1, max_size=len(kinds) + 1)
         try:
             handlers = build_handlers(settings, sorted(kinds & set(INGEST_KINDS)))
             if handlers:
@@ -78,11 +90,12 @@ class WorkerProcess:
                         name="+".join(handler.name for handler in handlers),
                     )
                 )
-            if "expiry" in kinds:
-                self.loops.append(ExpiryWorker(settings, pool, self.metrics))
             if "outbox" in kinds:
                 producer = make_producer(settings, client_id="chargeline-outbox")
                 self.loops.append(OutboxRelay(settings, pool, producer, self.metrics))
+            for kind, worker in PERIODIC_WORKERS.items():
+                if kind in kinds:
+                    self.loops.append(worker(settings, pool, self.metrics))
             runner = None
             if settings.metrics_port:
                 runner = await start_http(

@@ -18,11 +18,18 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 EntryKind = Literal["grant", "overage_settlement", "usage", "expiry", "void"]
 GrantStatus = Literal["pending", "active", "expired", "voided"]
-AlertKind = Literal["credit_balance_depleted", "credit_balance_recovered", "credit_balance_low"]
+AlertKind = Literal[
+    "credit_balance_depleted",
+    "credit_balance_recovered",
+    "credit_balance_low",
+    "auto_reload_succeeded",
+    "auto_reload_failed",
+    "auto_reload_disabled",
+]
 
 # alert_id = uuid5(namespace, customer/seq/type): the same crossing always gets the same id.
 ALERT_NAMESPACE = uuid.UUID("6f0d6a4e-8d1b-4c55-9a57-0c1e2c3a7b10")
@@ -58,6 +65,8 @@ class Customer:
     overage: int
     seq: int  # ledger entries so far; the next entry gets seq + 1
     low_threshold: int | None
+    # Set only while auto-reload is enabled; keyword-only, after the state proper.
+    reload_threshold: int | None = field(default=None, kw_only=True)
     grants: list[Grant] = field(default_factory=list)  # pending or active, with tokens left
     finished: list[Grant] = field(default_factory=list)  # expired or voided while loaded
     changed: bool = False
@@ -87,7 +96,8 @@ class Alert:
     threshold: int | None
     cause_type: str
     cause_reference: str | None
-    seq: int
+    seq: int | None  # the ledger entry it reports on; None for auto-reload outcomes
+    detail: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -96,6 +106,9 @@ class Changes:
 
     entries: list[Entry] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
+    # Customers left below their auto-reload threshold by an event, with the first such
+    # event's reference. The writer requests one reload each (never two in flight).
+    reloads: dict[str, str] = field(default_factory=dict)
 
 
 class Ledger:
@@ -267,6 +280,9 @@ class Ledger:
         threshold = customer.low_threshold
         if threshold is not None and before >= threshold > after:
             self._alert(customer, "credit_balance_low", before, threshold, cause, reference)
+        reload_at = customer.reload_threshold
+        if reload_at is not None and after < reload_at:
+            self.changes.reloads.setdefault(customer.customer_ref, reference)
 
     def _alert(
         self,

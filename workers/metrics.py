@@ -83,6 +83,25 @@ class Metrics:
         self.alerts = Counter(
             "chargeline_alerts", "Alerts written to the outbox, by type.", ["type"], registry=r
         )
+        self.reloads = Counter(
+            "chargeline_reloads",
+            "Reloads and top-ups finished, by result (succeeded, failed, disabled).",
+            ["result"],
+            registry=r,
+        )
+        self.stripe_request_seconds = Histogram(
+            "chargeline_stripe_request_seconds",
+            "Latency of Stripe API calls.",
+            ["call"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.stripe_errors = Counter(
+            "chargeline_stripe_errors",
+            "Stripe API calls that raised, by call and error class.",
+            ["call", "error"],
+            registry=r,
+        )
         self.verify_violations = Gauge(
             "chargeline_verify_violations",
             "Rows breaking each invariant of SPEC section 9 at the last verify (0: none).",

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
 
     stripe_api_key: SecretStr = SecretStr("sk_test_chargeline")
     stripe_api_base: str | None = None
+    stripe_timeout_s: float = Field(default=30.0, gt=0, description="Per Stripe API call.")
 
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="0 disables /metrics.")
     metrics_host: str = "0.0.0.0"  # noqa: S104 -- a worker's metrics must be scrapable from outside its pod.
@@ -86,6 +87,14 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="How often the expiry worker looks for due grants."
     )
     expiry_batch_size: int = Field(default=500, ge=1)
+    reload_interval_s: float = Field(
+        default=1.0, gt=0, description="How often the reloads worker looks for requests."
+    )
+    reload_lease_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long a claimed reload is left alone before another worker retries it.",
+    )
     verify_interval_s: float = Field(
         default=300.0, gt=0, description="How often the verify worker checks the invariants."
     )

@@ -227,6 +227,7 @@ async def load_ledger(
             row["overage"],
             row["ledger_seq"],
             row["low_balance_threshold"],
+            reload_threshold=row["reload_threshold"],
         )
         for row in rows
     }
@@ -298,6 +299,10 @@ async def write_ledger(conn: Any, ledger: Ledger, *, alerts_topic: str) -> None:
         )
     if changes.alerts:
         await record_alerts(conn, changes.alerts, ledger.now, alerts_topic=alerts_topic)
+    if changes.reloads:
+        await conn.execute(
+            QUERIES["request_reloads"], list(changes.reloads), list(changes.reloads.values())
+        )
 
 
 def _all_grants(customer: Customer) -> list[Grant]:
@@ -317,6 +322,7 @@ async def record_alerts(conn: Any, alerts: list[Alert], at: datetime, *, alerts_
             threshold=a.threshold,
             cause=AlertCause(type=a.cause_type, reference=a.cause_reference),
             at=at,
+            detail=a.detail,
         )
         .model_dump_json()
         .encode()
@@ -333,6 +339,7 @@ async def record_alerts(conn: Any, alerts: list[Alert], at: datetime, *, alerts_
         [a.cause_type for a in alerts],
         [a.cause_reference for a in alerts],
         [a.seq for a in alerts],
+        [None if a.detail is None else orjson.dumps(a.detail).decode() for a in alerts],
         messages,
         alerts_topic,
     )

@@ -189,3 +189,14 @@ def test_alert_ids_are_stable() -> None:
 
     assert run() == run()
     assert len(set(run())) == 2
+
+
+def test_reload_requested_once_per_batch_when_left_below_threshold() -> None:
+    customer = Customer("c", 0, 0, 0, None, reload_threshold=1_000)
+    ledger = Ledger({"c": customer}, NOW)
+    ledger.grant("c", grant("g", 5_000), "g")
+    ledger.usage("c", "u1", 3_000, usage_id=1)  # 2000: above
+    assert ledger.changes.reloads == {}
+    ledger.usage("c", "u2", 1_500, usage_id=2)  # 500: below
+    ledger.usage("c", "u3", 100, usage_id=3)  # still below: same request
+    assert ledger.changes.reloads == {"c": "u2"}

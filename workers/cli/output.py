@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
+from uuid import UUID
 from typing import Any, Literal
 
 import orjson
@@ -22,7 +23,7 @@ Format = Literal["table", "json", "csv"]
 
 
 def _default(value: Any) -> Any:
-    if isinstance(value, Decimal):
+    if isinstance(value, Decimal | UUID):
         return str(value)
     if isinstance(value, bytes | memoryview):
         return bytes(value).hex()

@@ -121,6 +121,7 @@ ON CONFLICT (customer_ref) DO NOTHING;
 
 -- name: load_customers
 SELECT c.customer_ref, c.balance, c.overage, c.ledger_seq, c.low_balance_threshold,
+       CASE WHEN c.auto_reload_enabled THEN c.reload_threshold END AS reload_threshold,
        now() AS now
 FROM customers c
 WHERE c.customer_ref = ANY($1::text[])
@@ -153,23 +154,23 @@ WHERE c.customer_ref = u.customer_ref;
 WITH input AS (
     SELECT *
     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
-                $7::text[], $8::text[], $9::bigint[], $10::bytea[])
+                $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bytea[])
          WITH ORDINALITY
          AS t(alert_id, type, customer_ref, balance, previous_balance, threshold, cause_type,
-              cause_reference, ledger_seq, message, ord)
+              cause_reference, ledger_seq, detail, message, ord)
 ),
 inserted AS (
     INSERT INTO alerts (alert_id, type, customer_ref, balance, previous_balance, threshold,
-                        cause_type, cause_reference, ledger_seq)
+                        cause_type, cause_reference, ledger_seq, detail)
     SELECT alert_id, type, customer_ref, balance, previous_balance, threshold, cause_type,
-           cause_reference, ledger_seq
+           cause_reference, ledger_seq, detail::jsonb
     FROM input
     ORDER BY ord
     ON CONFLICT (alert_id) DO NOTHING
     RETURNING alert_id
 )
 INSERT INTO outbox (kind, topic, record_key, record_value)
-SELECT 'alert', $11::text, convert_to(i.customer_ref, 'UTF8'), i.message
+SELECT 'alert', $12::text, convert_to(i.customer_ref, 'UTF8'), i.message
 FROM input i JOIN inserted USING (alert_id)
 ORDER BY i.ord;
 
@@ -183,3 +184,19 @@ SELECT customer_ref FROM (
 ) due
 ORDER BY customer_ref
 LIMIT $1;
+
+-- name: request_reloads
+-- One automatic reload per customer in flight: the partial unique index refuses a second.
+INSERT INTO reload_requests (reload_id, customer_ref, kind, tokens, price, currency,
+                             cause_reference)
+SELECT gen_random_uuid(), c.customer_ref, 'auto', c.reload_tokens, c.reload_price,
+       c.reload_currency, r.cause
+FROM unnest($1::text[], $2::text[]) AS r(customer_ref, cause)
+JOIN customers c USING (customer_ref)
+WHERE c.auto_reload_enabled
+  AND c.reload_tokens IS NOT NULL AND c.reload_price IS NOT NULL
+  AND c.reload_currency IS NOT NULL AND c.stripe_customer_id IS NOT NULL
+ORDER BY c.customer_ref
+ON CONFLICT (customer_ref) WHERE kind = 'auto' AND status IN ('requested', 'charging')
+DO NOTHING
+RETURNING reload_id, customer_ref;

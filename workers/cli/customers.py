@@ -1,0 +1,142 @@
+"""``chargeline customers configure`` and ``chargeline credits topup`` (SPEC section 6)."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from typing import Any
+
+from schemas.currency import ACTIVE_CURRENCIES
+from workers import db
+from workers.cli.args import Parser, identifier, positive_int
+from workers.cli.output import emit_object
+from workers.errors import ChargelineError, UsageError
+from workers.metrics import Metrics
+from workers.settings import Settings
+
+
+def currency(text: str) -> str:
+    code = text.upper()
+    if code not in ACTIVE_CURRENCIES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an active ISO 4217 currency")
+    return code
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
+def register(nouns: Any) -> None:
+    customers = nouns.add_parser("customers", help="customer billing settings").add_subparsers(
+        dest="action", required=True, parser_class=Parser
+    )
+    configure = customers.add_parser("configure", help="Stripe customer, auto-reload, low balance")
+    configure.add_argument("customer", type=identifier, metavar="CUSTOMER")
+    configure.add_argument("--stripe-customer", metavar="ID", help="Stripe customer id (cus_...)")
+    configure.add_argument("--auto-reload", type=on_off, metavar="on|off")
+    configure.add_argument("--reload-threshold", type=non_negative_int, metavar="TOKENS")
+    configure.add_argument("--reload-tokens", type=positive_int, metavar="TOKENS")
+    configure.add_argument("--reload-price", type=positive_int, metavar="MINOR_UNITS")
+    configure.add_argument("--currency", type=currency, metavar="CODE")
+    configure.add_argument("--low-balance-threshold", type=non_negative_int, metavar="TOKENS")
+    configure.add_argument("--format", choices=("table", "json"), default="table")
+    configure.set_defaults(run=configure_customer)
+
+    credits = nouns.add_parser("credits", help="prepaid credits").add_subparsers(
+        dest="action", required=True, parser_class=Parser
+    )
+    topup = credits.add_parser("topup", help="charge the customer through Stripe, grant tokens")
+    topup.add_argument("customer", type=identifier, metavar="CUSTOMER")
+    topup.add_argument("--tokens", type=positive_int, required=True)
+    topup.add_argument("--price", type=positive_int, required=True, metavar="MINOR_UNITS")
+    topup.add_argument("--currency", type=currency, required=True, metavar="CODE")
+    topup.add_argument("--format", choices=("table", "json"), default="table")
+    topup.set_defaults(run=credits_topup)
+
+
+async def configure_customer(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(settings.dsn, timeout=10)
+    try:
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                db.QUERIES["customer_configure"], args.customer, args.stripe_customer,
+                args.auto_reload, args.reload_threshold, args.reload_tokens, args.reload_price,
+                args.currency, args.low_balance_threshold,
+            )  # fmt: skip
+            if row["auto_reload_enabled"]:
+                missing = [
+                    flag
+                    for flag, column in (
+                        ("--stripe-customer", "stripe_customer_id"),
+                        ("--reload-threshold", "reload_threshold"),
+                        ("--reload-tokens", "reload_tokens"),
+                        ("--reload-price", "reload_price"),
+                        ("--currency", "reload_currency"),
+                    )
+                    if row[column] is None
+                ]
+                if missing:
+                    raise UsageError(f"auto-reload needs {', '.join(missing)}; nothing changed")
+    finally:
+        await conn.close()
+    emit_object(dict(row.items()), args.format, title=f"customer {args.customer}")
+    return 0
+
+
+class TopupFailed(ChargelineError):
+    """The top-up was not charged."""
+
+
+async def credits_topup(settings: Settings, args: argparse.Namespace) -> int:
+    """A manual top-up through the same path as auto-reload: a request, then the processor."""
+    from workers.reloads import ReloadProcessor
+
+    pool = await db.create_pool(settings.dsn, min_size=1, max_size=2)
+    try:
+        reload_id = str(uuid.uuid4())
+        async with pool.acquire() as conn:
+            if not await conn.fetchval(
+                "SELECT stripe_customer_id FROM customers WHERE customer_ref = $1", args.customer
+            ):
+                raise UsageError(
+                    f"customer {args.customer!r} has no Stripe customer: "
+                    "run `chargeline customers configure --stripe-customer` first"
+                )
+            await conn.execute(
+                db.QUERIES["reload_request_manual"], reload_id, args.customer, args.tokens,
+                args.price, args.currency,
+            )  # fmt: skip
+        processor = ReloadProcessor(settings, pool, Metrics())
+        claimed = await processor.claim(1, reload_id)
+        try:
+            outcome = await processor.process(claimed[0])
+        finally:
+            await processor.gateway.close()
+        async with pool.acquire() as conn:
+            row = await conn.fetchrow(db.QUERIES["reload_show"], reload_id)
+            balance = await conn.fetchval(
+                "SELECT balance FROM customers WHERE customer_ref = $1", args.customer
+            )
+    finally:
+        await pool.close()
+    if outcome.status != "succeeded":
+        raise TopupFailed(
+            f"top-up {reload_id} {outcome.status}: {outcome.stripe_code or ''} "
+            f"{outcome.message or ''}".strip()
+        )
+    emit_object({**dict(row.items()), "balance": balance}, args.format, title="top-up")
+    return 0
