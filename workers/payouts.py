@@ -1,0 +1,477 @@
+"""Payouts: close periods into payouts, publish them, and pay Stripe payees (SPEC.md section 7).
+
+A *cut* at time T gathers, per payee and currency, every charge not yet paid out whose
+``recorded_at`` is before T into one payout, in one transaction with one statement (so a
+payout and the charges it claims come from one snapshot), and writes a ``billing.payouts``
+outbox row for each payout in the same transaction. Cuts are serialised by a
+transaction-level advisory lock and only move forward, so a closed period never changes.
+A charge whose transaction commits after a cut, with ``recorded_at`` before it, is still
+unpaid at the next cut and goes into that payout: no charge is left behind.
+
+The worker closes periods (hourly or daily, UTC) ``payout_grace_s`` after they end, one cut
+per period that holds unpaid charges, oldest first. ``chargeline payouts run`` cuts at any
+past time on demand.
+
+Stripe payees are paid by a sender, outside the cut's transaction: it records the attempt
+(committed) before calling Stripe, creates the Stripe Payout with the payout id as
+idempotency key and in its metadata, and marks the payout ``sent`` or ``failed``. An attempt
+that may have reached Stripe (a crash, a lost response) is never repeated blindly: the next
+attempt first looks for a Stripe Payout carrying the payout id, so each payout is created at
+most once even where Stripe's idempotency keys do not help (expired after 24 hours; ignored
+by the local stand-in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+import stripe
+from stripe.params import PayoutCreateParams, PayoutListParams
+
+from schemas.outputs import PayoutEvent
+from workers import db
+from workers.errors import ChargelineError, UsageError
+from workers.logs import get_logger
+from workers.metrics import Metrics
+from workers.retry import Stopping, retry_transient
+from workers.settings import Settings
+
+log = get_logger("chargeline.payouts")
+T = TypeVar("T")
+
+PayoutPeriod = Literal["hourly", "daily"]
+CutTrigger = Literal["scheduled", "manual"]
+
+_CUT_LOCK_ID = 0x7061796F757473  # "payouts"
+_SEND_LOCK_ID = 0x737472697065  # "stripe"
+_DATE_TRUNC: dict[str, str] = {"hourly": "hour", "daily": "day"}
+_SEND_PAGE = 100
+_STRIPE_TIMEOUT_S = 30
+_STRIPE_SEND_ATTEMPTS = 5  # per worker tick; the next tick tries again
+_LOOKUP_PAGE = 100
+_LOOKUP_MAX_PAGES = 100
+METADATA_PAYOUT_ID = "chargeline_payout_id"
+METADATA_PAYEE = "chargeline_payee_ref"
+
+
+class CutInFuture(UsageError):
+    """A payout cut cannot be in the future."""
+
+
+class PeriodClosed(ChargelineError):
+    """Payouts are already closed up to a later time."""
+
+
+class PayoutMismatch(ChargelineError):
+    """A payout's totals differ from the charges it claimed; the cut was rolled back."""
+
+
+class StripeLookupIncomplete(ChargelineError):
+    """Could not tell whether Stripe already holds this payout; it stays pending."""
+
+
+# --- periods (pure) ---
+
+
+def period_length(period: PayoutPeriod) -> timedelta:
+    return timedelta(hours=1) if period == "hourly" else timedelta(days=1)
+
+
+def period_floor(moment: datetime, period: PayoutPeriod) -> datetime:
+    """Start (UTC) of the period that contains ``moment``."""
+    utc = moment.astimezone(UTC)
+    if period == "hourly":
+        return utc.replace(minute=0, second=0, microsecond=0)
+    return utc.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def next_scheduled_cut(
+    *,
+    now: datetime,
+    last_end: datetime | None,
+    earliest_unpaid: datetime | None,
+    period: PayoutPeriod,
+    grace_s: float,
+) -> datetime | None:
+    """The period boundary to cut at now, or None when no period with unpaid charges is due.
+
+    The first boundary after the earliest unpaid charge and after the last cut (which may be
+    a manual cut between boundaries), if it ended at least ``grace_s`` ago. Periods without
+    unpaid charges are skipped; called again after each cut, this closes missed periods one
+    by one, oldest first.
+    """
+    if earliest_unpaid is None:
+        return None
+    step = period_length(period)
+    candidate = period_floor(earliest_unpaid, period) + step
+    if last_end is not None:
+        candidate = max(candidate, period_floor(last_end, period) + step)
+    due = period_floor(now - timedelta(seconds=grace_s), period)
+    return candidate if candidate <= due else None
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+# --- cuts ---
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The outcome of one cut: the payouts it created (none when nothing was due)."""
+
+    period_end: datetime
+    trigger: CutTrigger
+    payouts: list[dict[str, Any]] = field(default_factory=list)
+    already_cut: bool = False  # a manual cut at exactly the last cut's time: nothing to do
+
+
+async def cut_payouts(
+    conn: Any, *, until: datetime | None, period: PayoutPeriod, topic: str
+) -> Cut:
+    """Cut payouts at ``until`` (the database's current time when None), on demand.
+
+    A time in the future is refused (``CutInFuture``), one before the last cut too
+    (``PeriodClosed``: that period is closed); the last cut's own time is a no-op.
+    """
+    async with conn.transaction():
+        await conn.execute(db.QUERIES["payout_cut_lock"], _CUT_LOCK_ID)
+        state = await conn.fetchrow(db.QUERIES["payout_cut_state"])
+        now, last_end = state["now"], state["last_end"]
+        end = now if until is None else until
+        if end > now:
+            raise CutInFuture(f"--until {rfc3339(end)} is in the future (now {rfc3339(now)})")
+        if last_end is not None and end <= last_end:
+            if end == last_end:
+                return Cut(end, "manual", already_cut=True)
+            raise PeriodClosed(f"payouts are closed up to {rfc3339(last_end)}; cut at a later time")
+        return await _cut_at(conn, end, "manual", period=period, topic=topic)
+
+
+async def cut_scheduled(
+    conn: Any, *, period: PayoutPeriod, grace_s: float, topic: str
+) -> Cut | None:
+    """Close the oldest due period that holds unpaid charges; None when none is due."""
+    async with conn.transaction():
+        await conn.execute(db.QUERIES["payout_cut_lock"], _CUT_LOCK_ID)
+        state = await conn.fetchrow(db.QUERIES["payout_cut_state"])
+        end = next_scheduled_cut(
+            now=state["now"],
+            last_end=state["last_end"],
+            earliest_unpaid=state["earliest_unpaid"],
+            period=period,
+            grace_s=grace_s,
+        )
+        if end is None:
+            return None
+        return await _cut_at(conn, end, "scheduled", period=period, topic=topic)
+
+
+async def _cut_at(
+    conn: Any, end: datetime, trigger: CutTrigger, *, period: PayoutPeriod, topic: str
+) -> Cut:
+    """Inside the cut's transaction, holding the lock: 1. the cut row, 2. payouts and the
+    charges they claim (one statement), 3. their outbox rows."""
+    cut_id = await conn.fetchval(db.QUERIES["payout_cut_insert"], end, trigger)
+    rows = await conn.fetch(db.QUERIES["payout_cut"], end, cut_id, _DATE_TRUNC[period])
+    payouts: list[dict[str, Any]] = []
+    for row in rows:
+        payout = dict(row.items())
+        claimed = (payout.pop("claimed_count"), payout.pop("claimed_amount"))
+        if claimed != (payout["charge_count"], payout["amount"]):
+            raise PayoutMismatch(
+                f"payout {payout['payout_id']}: {payout['charge_count']} charges, "
+                f"{payout['amount']} in total, but {claimed[0]} claimed for {claimed[1]}"
+            )
+        payouts.append(payout)
+    if payouts:
+        await conn.execute(
+            db.QUERIES["payout_outbox"],
+            [p["payee_ref"] for p in payouts],
+            [payout_event(p).model_dump_json().encode() for p in payouts],
+            topic,
+        )
+    await conn.execute(db.QUERIES["payout_cut_done"], cut_id, len(payouts))
+    return Cut(end, trigger, payouts)
+
+
+def payout_event(payout: dict[str, Any]) -> PayoutEvent:
+    return PayoutEvent(
+        payout_id=payout["payout_id"],
+        payee_ref=payout["payee_ref"],
+        currency=payout["currency"],
+        period_start=payout["period_start"],
+        period_end=payout["period_end"],
+        charge_count=payout["charge_count"],
+        amount=payout["amount"],
+        status=payout["status"],
+        created_at=payout["created_at"],
+    )
+
+
+# --- Stripe ---
+
+
+def stripe_is_transient(exc: BaseException) -> bool:
+    """Network errors, 429, 409 (a request with the same key in flight), 5xx; Postgres outages."""
+    if isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError):
+        return True
+    if isinstance(exc, stripe.StripeError):
+        status = exc.http_status
+        return status is not None and (status >= 500 or status == 409)
+    return db.is_transient(exc)
+
+
+# Stripe refused this payout: it is marked failed with Stripe's code and message. Other
+# permanent errors (a wrong API key) are not the payout's fault: it stays pending.
+_REFUSALS = (
+    stripe.InvalidRequestError,
+    stripe.CardError,
+    stripe.PermissionError,
+    stripe.IdempotencyError,
+)
+
+
+class StripePayouts:
+    """Creates one Stripe Payout per pending payout, never two."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._http = stripe.AIOHTTPClient(timeout=_STRIPE_TIMEOUT_S)
+        base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+        self.client = stripe.StripeClient(
+            settings.stripe_api_key.get_secret_value(),
+            base_addresses=base,  # type: ignore[arg-type]  # a TypedDict with one key given
+            # Retries are ours (retry_transient): each looks the payout up before creating.
+            max_network_retries=0,
+            http_client=self._http,
+        )
+
+    async def close(self) -> None:
+        await self._http.close_async()  # type: ignore[no-untyped-call]  # untyped in stripe 16.1
+
+    async def send_pending(self, pool: Any) -> Counter[str]:
+        """Send every pending payout, oldest first; outcomes counted (sent, failed, skipped).
+
+        One sender at a time (a session advisory lock); another sender's turn returns at once.
+        """
+        outcomes: Counter[str] = Counter()
+        async with pool.acquire() as conn:
+            if not await conn.fetchval(db.QUERIES["payout_send_try_lock"], _SEND_LOCK_ID):
+                return outcomes
+            try:
+                while True:
+                    rows = await conn.fetch(db.QUERIES["payouts_to_send"], _SEND_PAGE)
+                    for row in rows:
+                        outcomes[await self.send_one(conn, dict(row.items()))] += 1
+                    if len(rows) < _SEND_PAGE:
+                        return outcomes
+            finally:
+                if not conn.is_closed():
+                    await conn.execute(db.QUERIES["payout_send_unlock"], _SEND_LOCK_ID)
+
+    async def send_one(self, conn: Any, payout: dict[str, Any]) -> str:
+        """1. record the attempt, 2. find or create the Stripe Payout, 3. mark it."""
+        payout_id = payout["payout_id"]
+        earlier = await self.start_attempt(conn, payout_id)
+        if earlier is None:
+            return "skipped"  # no longer pending
+        try:
+            sent = await self.submit(payout, earlier_attempts=earlier)
+        except _REFUSALS as exc:
+            code = exc.code or (exc.error.type if exc.error else None) or type(exc).__name__
+            message = exc.user_message or str(exc)
+            await conn.execute(db.QUERIES["payout_mark_failed"], payout_id, code, message)
+            log.warning(
+                "stripe_payout_failed", payout_id=payout_id, stripe_code=code, detail=message
+            )
+            return "failed"
+        await conn.execute(db.QUERIES["payout_mark_sent"], payout_id, sent.id)
+        log.info("stripe_payout_sent", payout_id=payout_id, stripe_payout_id=sent.id)
+        return "sent"
+
+    async def start_attempt(self, conn: Any, payout_id: str) -> int | None:
+        """Record an attempt (committed); the number of earlier ones, None if not pending."""
+        earlier: int | None = await conn.fetchval(db.QUERIES["payout_send_attempt"], payout_id)
+        return earlier
+
+    async def submit(self, payout: dict[str, Any], *, earlier_attempts: int) -> stripe.Payout:
+        """The Stripe Payout of ``payout``: the one an earlier attempt created, or a new one."""
+        if earlier_attempts > 0:
+            found = await self.find(payout)
+            if found is not None:
+                log.info("stripe_payout_found", payout_id=payout["payout_id"], id=found.id)
+                return found
+        params: PayoutCreateParams = {
+            "amount": payout["amount"],
+            "currency": payout["currency"].lower(),
+            "description": f"chargeline payout {payout['payout_id']}",
+            "metadata": {
+                METADATA_PAYOUT_ID: payout["payout_id"],
+                METADATA_PAYEE: payout["payee_ref"],
+            },
+        }
+        return await self.client.v1.payouts.create_async(
+            params,
+            options={
+                "idempotency_key": payout["payout_id"],
+                "stripe_account": payout["stripe_account"],
+            },
+        )
+
+    async def find(self, payout: dict[str, Any]) -> stripe.Payout | None:
+        """The Stripe Payout carrying this payout's id (and amount and currency), if any."""
+        params: PayoutListParams = {"limit": _LOOKUP_PAGE}
+        for _ in range(_LOOKUP_MAX_PAGES):
+            page = await self.client.v1.payouts.list_async(
+                params, options={"stripe_account": payout["stripe_account"]}
+            )
+            for item in page.data:
+                metadata = item.metadata.to_dict() if item.metadata is not None else {}
+                if (
+                    metadata.get(METADATA_PAYOUT_ID) == payout["payout_id"]
+                    and item.amount == payout["amount"]
+                    and item.currency == payout["currency"].lower()
+                ):
+                    return item
+            if not page.has_more or not page.data:
+                return None
+            params = {"limit": _LOOKUP_PAGE, "starting_after": page.data[-1].id}
+        raise StripeLookupIncomplete(
+            f"payout {payout['payout_id']}: not among the last "
+            f"{_LOOKUP_PAGE * _LOOKUP_MAX_PAGES} Stripe payouts; left pending"
+        )
+
+
+# --- the worker ---
+
+
+class PayoutWorker:
+    """Closes due periods into payouts, sends Stripe payouts, keeps the backlog gauges."""
+
+    name = "payouts"
+
+    def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.stripe = StripePayouts(settings, metrics)
+        self.stopping = asyncio.Event()
+        self.started = asyncio.Event()
+        self.cuts = 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.started.is_set() and not self.stopping.is_set()
+
+    async def run(self) -> None:
+        self.started.set()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    await self.run_once()
+                except Stopping:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.stopping.wait(), timeout=self.settings.payout_interval_s
+                    )
+        finally:
+            await self.stripe.close()
+            log.info("payouts_worker_stopped", cuts=self.cuts)
+
+    async def run_once(self) -> list[Cut]:
+        """One tick: close due periods, send pending Stripe payouts, refresh the gauges."""
+        cuts = await self._retry(self.cut_due, db.is_transient, "postgres")
+        await self.send()
+        await self._retry(self.refresh_gauges, db.is_transient, "postgres")
+        return cuts
+
+    async def cut_due(self) -> list[Cut]:
+        """Every due period, oldest first, one cut (one transaction) each."""
+        cuts: list[Cut] = []
+        async with self.pool.acquire() as conn:
+            while not self.stopping.is_set():
+                cut = await cut_scheduled(
+                    conn,
+                    period=self.settings.payout_period,
+                    grace_s=self.settings.payout_grace_s,
+                    topic=self.settings.topic_payouts,
+                )
+                if cut is None:
+                    break
+                self.observe(cut)
+                cuts.append(cut)
+        return cuts
+
+    def observe(self, cut: Cut) -> None:
+        """Count a committed cut's payouts."""
+        self.cuts += 1
+        for payout in cut.payouts:
+            self.metrics.payouts.labels(currency=payout["currency"]).inc()
+            self.metrics.payout_amount.labels(currency=payout["currency"]).inc(payout["amount"])
+        log.info(
+            "payouts_cut",
+            period_end=rfc3339(cut.period_end),
+            trigger=cut.trigger,
+            payouts=len(cut.payouts),
+            charges=sum(p["charge_count"] for p in cut.payouts),
+        )
+
+    async def send(self) -> Counter[str]:
+        """Send pending Stripe payouts. A failure that outlasts the retries, or one that is not
+        the payout's fault (a wrong API key), leaves them pending until the next tick."""
+        try:
+            outcomes = await retry_transient(
+                lambda: self.stripe.send_pending(self.pool),
+                is_transient=stripe_is_transient,
+                component="stripe",
+                settings=self.settings,
+                metrics=self.metrics,
+                stopping=self.stopping,
+                max_attempts=_STRIPE_SEND_ATTEMPTS,
+            )
+        except Stopping:
+            raise
+        except Exception as exc:
+            if not (
+                isinstance(exc, stripe.StripeError | ChargelineError) or stripe_is_transient(exc)
+            ):
+                raise
+            log.error("stripe_payouts_deferred", error=f"{type(exc).__name__}: {exc}")  # noqa: TRY400 -- one line, no traceback: it is retried
+            return Counter()
+        if outcomes:
+            log.info("stripe_payouts_sent", **outcomes)
+        return outcomes
+
+    async def refresh_gauges(self) -> None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(db.QUERIES["payout_backlog"])
+        self.metrics.charges_awaiting_payout.set(row["awaiting"])
+        self.metrics.oldest_unpaid_charge_age.set(row["oldest_age_s"])
+
+    async def _retry(
+        self,
+        operation: Callable[[], Awaitable[T]],
+        is_transient: Callable[[BaseException], bool],
+        component: str,
+    ) -> T:
+        return await retry_transient(
+            operation,
+            is_transient=is_transient,
+            component=component,
+            settings=self.settings,
+            metrics=self.metrics,
+            stopping=self.stopping,
+        )
