@@ -45,8 +45,16 @@ DEMO_FLOWS = [
 class DemoLoad:
     """The demo records, and what a correct pipeline must make of them."""
 
-    records: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    records: list[tuple[bytes | None, bytes]] = field(default_factory=list)  # charges topic
     expected: Counter[str] = field(default_factory=Counter)
+    usage: list[tuple[bytes, bytes]] = field(default_factory=list)  # usage topic, in order
+    expected_usage: Counter[str] = field(default_factory=Counter)
+    expected_alerts: Counter[str] = field(default_factory=Counter)
+    expected_balances: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.records) + len(self.usage)
 
 
 def build_demo_load(seed: int = 7, charges: int = 400) -> DemoLoad:
@@ -98,7 +106,58 @@ def build_demo_load(seed: int = 7, charges: int = 400) -> DemoLoad:
     add(b'{"type": "charge", "amount": 100, ', "invalid_json", key="user_001")
     add(dict(unique[6], reference=f"demo-{run}-float", amount=100.0), "invalid_event")
     rng.shuffle(load.records)
+    add_ledger_demo(load, run, now)
     return load
+
+
+def add_ledger_demo(load: DemoLoad, run: str, now: datetime) -> None:
+    """Orb's token guide: a purchase and a sooner-expiring plan allocation, usage that runs
+    past zero (depleted), a purchase that pays the overage (recovered); a quieter customer;
+    a producer retrying a usage event, and one re-using a reference for other tokens."""
+
+    def at(days: int) -> str:
+        return (now + timedelta(days=days)).isoformat().replace("+00:00", "Z")
+
+    ana, ben = f"ana-{run}", f"ben-{run}"
+    events: list[tuple[dict[str, Any], str]] = [
+        ({"type": "credit_grant", "customer_ref": ana, "reference": "purchase-1",
+          "tokens": 100_000, "cost_basis": "0.0001", "currency": "USD", "source": "purchase",
+          "expires_at": at(365)}, "recorded"),
+        ({"type": "credit_grant", "customer_ref": ana, "reference": "plan-nov",
+          "tokens": 20_000, "cost_basis": "0", "currency": "USD", "source": "plan",
+          "expires_at": at(8)}, "recorded"),
+        ({"type": "credit_grant", "customer_ref": ben, "reference": "promo-1",
+          "tokens": 10_000, "cost_basis": "0", "currency": "USD", "source": "promotional"},
+         "recorded"),
+    ]  # fmt: skip
+    for n in range(15):
+        events.append(({"type": "usage", "customer_ref": ana, "reference": f"req-{n}",
+                        "tokens": 8_008, "feature": "chat"}, "recorded"))  # fmt: skip
+    for n in range(3):
+        events.append(({"type": "usage", "customer_ref": ben, "reference": f"req-{n}",
+                        "tokens": 1_000, "feature": "images"}, "recorded"))  # fmt: skip
+    events.append((events[5][0], "duplicate"))
+    events.append((dict(events[6][0], tokens=1), "conflict"))
+    events.append(({"type": "credit_grant", "customer_ref": ana, "reference": "purchase-2",
+                    "tokens": 50_000, "cost_basis": "0.0001", "currency": "USD",
+                    "source": "purchase"}, "recorded"))  # fmt: skip
+    for event, outcome in events:
+        load.usage.append((event["customer_ref"].encode(), orjson.dumps(event)))
+        load.expected_usage[outcome] += 1
+    load.expected["reference_conflict"] += 1
+    # ana: 120,000 granted, 120,120 used -> -120 (depleted), +50,000 -> 49,880 (recovered).
+    load.expected_balances = {ana: 49_880, ben: 7_000}
+    load.expected_alerts = Counter({"credit_balance_recovered": 3, "credit_balance_depleted": 1})
+
+
+def topic_totals(process: WorkerProcess, topic: str) -> Counter[str]:
+    """Outcomes of one topic's events in this process."""
+    totals: Counter[str] = Counter()
+    if process.loops:
+        for (event_topic, _type, outcome), n in process.loops[0].totals.counts.items():
+            if event_topic == topic:
+                totals[outcome] += n
+    return totals
 
 
 def format_money(minor_units: int, currency: str) -> str:
@@ -130,6 +189,10 @@ async def _publish(settings: Settings, load: DemoLoad) -> None:
             await producer.send(settings.topic_charges, value=value, key=key)
             for key, value in load.records
         ]
+        sends += [
+            await producer.send(settings.topic_usage, value=value, key=key)
+            for key, value in load.usage
+        ]
         await asyncio.gather(*sends)
     finally:
         await producer.stop()
@@ -160,41 +223,68 @@ async def _wait_until_processed(
 
 async def _summary(
     settings: Settings, process: WorkerProcess, load: DemoLoad, elapsed: float
-) -> None:
+) -> bool:
+    """Print what happened beside what should have; True when they all match."""
     conn = await asyncpg.connect(settings.dsn)
     try:
         flows = await conn.fetch(db.QUERIES["flow_list"], None)
-        reasons = await conn.fetch(
-            "SELECT reason, count(*) AS n FROM dead_letters GROUP BY reason ORDER BY reason"
-        )
+        reasons = {
+            r["reason"]: r["n"]
+            for r in await conn.fetch(
+                "SELECT reason, count(*) AS n FROM dead_letters GROUP BY reason ORDER BY reason"
+            )
+        }
         conflicts = await conn.fetchval("SELECT count(*) FROM conflicts")
         unpublished = await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+        alerts = Counter(
+            {
+                r["type"]: r["n"]
+                for r in await conn.fetch(
+                    "SELECT type, count(*) AS n FROM alerts WHERE customer_ref = ANY($1) "
+                    "GROUP BY type",
+                    list(load.expected_balances),
+                )
+            }
+        )
+        balances = {
+            r["customer_ref"]: r["balance"]
+            for r in await conn.fetch(
+                "SELECT customer_ref, balance FROM customers WHERE customer_ref = ANY($1)",
+                list(load.expected_balances),
+            )
+        }
     finally:
         await conn.close()
-    totals = process.loops[0].totals.outcome_totals()
+    totals = topic_totals(process, settings.topic_charges)
+    usage_totals = topic_totals(process, settings.topic_usage)
 
     table = Table(title="chargeline dev: demo load processed")
     table.add_column("what")
     table.add_column("count", justify="right")
     table.add_column("expected", justify="right")
-    table.add_row("records published", str(len(load.records)), "")
-    table.add_row("charges recorded", str(totals["recorded"]), str(load.expected["recorded"]))
-    table.add_row(
-        "exact duplicates (not applied again)",
-        str(totals["duplicate"]),
-        str(load.expected["duplicate"]),
+    mismatches: list[str] = []
+
+    def check(what: str, got: int, expected: int | None = None) -> None:
+        if expected is not None and got != expected:
+            mismatches.append(what)
+        table.add_row(what, f"{got:,}", "" if expected is None else f"{expected:,}")
+
+    check("records published", load.total)
+    check("charges recorded", totals["recorded"], load.expected["recorded"])
+    check("exact duplicates (not applied again)", totals["duplicate"], load.expected["duplicate"])
+    check(
+        "conflicts (same reference, other payload)", totals["conflict"], load.expected["conflict"]
     )
-    table.add_row(
-        "conflicts (same reference, other payload)",
-        str(totals["conflict"]),
-        str(load.expected["conflict"]),
-    )
-    for row in reasons:
-        table.add_row(
-            f"dead letters: {row['reason']}", str(row["n"]), str(load.expected[row["reason"]])
-        )
-    table.add_row("conflicts kept with both payloads", str(conflicts), "")
-    table.add_row("dead letters still to publish on billing.dlq", str(unpublished), "0")
+    for reason in sorted(reasons):
+        check(f"dead letters: {reason}", reasons[reason], load.expected[reason])
+    check("conflicts kept with both payloads", conflicts)
+    check("dead letters still to publish on billing.dlq", unpublished, 0)
+    for outcome in ("recorded", "duplicate", "conflict"):
+        check(f"usage and grants: {outcome}", usage_totals[outcome], load.expected_usage[outcome])
+    for alert_type in sorted(load.expected_alerts):
+        check(f"alerts: {alert_type}", alerts[alert_type], load.expected_alerts[alert_type])
+    for customer, expected_balance in sorted(load.expected_balances.items()):
+        check(f"balance of {customer} (tokens)", balances.get(customer, 0), expected_balance)
     console.print(table)
 
     flow_table = Table(title="flows")
@@ -221,9 +311,12 @@ async def _summary(
     console.print(
         f"Processed in {elapsed:.1f}s.  Postgres: {mask_url(settings.dsn)}  "
         f"Kafka: {settings.kafka_bootstrap_servers}  Metrics (while running): {metrics}\n"
-        "`chargeline dev --keep-running` keeps the stack and workers up to look around with "
-        "`chargeline flows list`, `charges list`, `dlq list` and the CHARGELINE_* variables above."
+        "`chargeline dev --keep-running` keeps the stack and workers up to look around "
+        "(`chargeline flows list`, `charges list`, `balances list`, `dlq list`)."
     )
+    if mismatches:
+        console.print(f"[red]Not as expected: {', '.join(mismatches)}[/red]")
+    return not mismatches
 
 
 async def run_dev(settings: Settings, *, keep_running: bool = False) -> int:
@@ -250,27 +343,39 @@ async def run_dev(settings: Settings, *, keep_running: bool = False) -> int:
         started = time.monotonic()
         task = asyncio.create_task(process.run(install_signal_handlers=keep_running))
         await _publish(settings, load)
-        console.print(f"Published {len(load.records)} demo records to {settings.topic_charges}.")
-        done = await _wait_until_processed(settings, process, len(load.records), 120)
+        console.print(
+            f"Published {len(load.records)} demo records to {settings.topic_charges} and "
+            f"{len(load.usage)} to {settings.topic_usage}."
+        )
+        done = await _wait_until_processed(settings, process, load.total, 120)
         elapsed = time.monotonic() - started
         if keep_running:
             await _summary(settings, process, load, elapsed)
+            for name, value in _stack_env(settings).items():
+                console.print(f"export {name}={value}")
             console.print("Workers keep running; Ctrl-C to stop.")
             await task
             return 0
         process.stop()
         await task
-        await _summary(settings, process, load, elapsed)
-        totals = process.loops[0].totals.outcome_totals()
-        ok = done and all(
-            totals[o] == load.expected[o] for o in ("recorded", "duplicate", "conflict")
-        )
-        if not ok:
-            console.print("[red]The demo did not come out as expected; see the logs above.[/red]")
-        return 0 if ok else 1
+        matches = await _summary(settings, process, load, elapsed)
+        if not done:
+            console.print("[red]The demo load was not fully processed within 120 s.[/red]")
+        return 0 if done and matches else 1
     finally:
         if stack is not None:
             await asyncio.to_thread(stack.stop)
+
+
+def _stack_env(settings: Settings) -> dict[str, str]:
+    """The variables that point `chargeline` commands in another terminal at this stack."""
+    return {
+        "CHARGELINE_DATABASE_URL": settings.dsn,
+        "CHARGELINE_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "CHARGELINE_KAFKA_IDEMPOTENT_PRODUCER": str(settings.kafka_idempotent_producer).lower(),
+        "CHARGELINE_TOPIC_CHARGES": settings.topic_charges,
+        "CHARGELINE_TOPIC_USAGE": settings.topic_usage,
+    }
 
 
 async def _create_database(server_url: str, name: str) -> None:
