@@ -34,6 +34,8 @@ CHECKS: list[tuple[int, str, str, str]] = [
     (2, "grants", "verify_grants", "a grant's tokens left differ from its ledger entries"),
     (2, "ledger_sequence", "verify_ledger_sequence",
      "ledger entries out of sequence, or balance_after not a running sum"),
+    (3, "payouts", "verify_payouts",
+     "a payout whose count or total differs from its charges, or a charge in no real payout"),
     (4, "alerts", "verify_alerts",
      "an alert that is no balance crossing, or depleted/recovered not alternating"),
     (4, "alerts_in_outbox", "verify_alerts_in_outbox", "an alert not in the outbox exactly once"),
@@ -85,16 +87,12 @@ class Report:
         }
 
 
-# Checks other modules add (payouts): same tuple shape as CHECKS.
-EXTRA_CHECKS: list[tuple[int, str, str, str]] = []
-
-
 async def verify(conn: Any, *, limit: int = SHOWN_ROWS) -> Report:
     """Run every check in one repeatable-read snapshot, so checks agree with each other."""
     report = Report()
     started = time.monotonic()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        for invariant, check, query, description in CHECKS + EXTRA_CHECKS:
+        for invariant, check, query, description in CHECKS:
             rows = await conn.fetch(db.QUERIES[query], limit)
             report.checks += 1
             if rows:

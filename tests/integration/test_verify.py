@@ -73,3 +73,26 @@ async def test_verify_passes_then_finds_each_corruption(settings: Settings) -> N
     table = cli(settings, "verify")
     assert table.returncode == 1
     assert "invariant 2 (balances)" in table.stdout and "c2" in table.stdout
+
+
+async def test_verify_finds_a_charge_claimed_by_two_payouts(settings: Settings) -> None:
+    await _load(settings)
+    done = cli(settings, "payouts", "run")
+    assert done.returncode == 0, done.stderr
+    code, report = verdict(settings)
+    assert (code, report["violations"]) == (0, [])
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        # A second payout claiming the same charge (its copy of the first payout's totals).
+        await conn.execute(
+            "INSERT INTO payouts (payout_id, cut_id, payee_ref, currency, period_start, period_end,"
+            " charge_count, amount, status) SELECT payout_id || '-copy', cut_id, payee_ref, currency,"
+            " period_start, period_end + interval '1 hour', charge_count, amount, status FROM payouts"
+        )
+    finally:
+        await conn.close()
+    code, report = verdict(settings)
+    assert code == 1
+    [violation] = report["violations"]
+    assert (violation["invariant"], violation["check"]) == (3, "payouts")
+    assert violation["rows"][0]["payout_id"].endswith("-copy")

@@ -123,3 +123,22 @@ SELECT 'outbox rows for dead letters', NULL, NULL,
 WHERE (SELECT count(*) FROM outbox WHERE kind = 'dead_letter')
       <> (SELECT count(*) FROM dead_letters)
 LIMIT $1;
+
+-- name: verify_payouts
+-- Every recorded charge is in at most one payout (one payout_id column, and paid_out
+-- exactly when it has one); a payout's count and total are those of its charges.
+SELECT p.payout_id, p.charge_count, p.amount, coalesce(c.charges, 0) AS charges,
+       coalesce(c.total, 0) AS charges_total
+FROM payouts p
+LEFT JOIN (
+    SELECT payout_id, count(*) AS charges, sum(amount) AS total
+    FROM charges WHERE payout_id IS NOT NULL GROUP BY payout_id
+) c USING (payout_id)
+WHERE p.charge_count <> coalesce(c.charges, 0) OR p.amount <> coalesce(c.total, 0)
+UNION ALL
+SELECT c.payout_id, NULL, NULL, c.charge_id, c.amount
+FROM charges c
+LEFT JOIN payouts p USING (payout_id)
+WHERE (c.payout_id IS NOT NULL AND p.payout_id IS NULL)
+   OR ((c.status = 'paid_out') <> (c.payout_id IS NOT NULL))
+LIMIT $1;
