@@ -12,8 +12,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
-from uuid import UUID
 from typing import Any, Literal
+from uuid import UUID
 
 import orjson
 from rich.console import Console
