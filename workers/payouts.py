@@ -41,6 +41,8 @@ from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.retry import Stopping, retry_transient
 from workers.settings import Settings
+from workers.stripe_gateway import StripeGateway
+from workers.stripe_gateway import is_transient as stripe_gateway_transient
 
 log = get_logger("chargeline.payouts")
 T = TypeVar("T")
@@ -52,7 +54,6 @@ _CUT_LOCK_ID = 0x7061796F757473  # "payouts"
 _SEND_LOCK_ID = 0x737472697065  # "stripe"
 _DATE_TRUNC: dict[str, str] = {"hourly": "hour", "daily": "day"}
 _SEND_PAGE = 100
-_STRIPE_TIMEOUT_S = 30
 _STRIPE_SEND_ATTEMPTS = 5  # per worker tick; the next tick tries again
 _LOOKUP_PAGE = 100
 _LOOKUP_MAX_PAGES = 100
@@ -220,13 +221,11 @@ def payout_event(payout: dict[str, Any]) -> PayoutEvent:
 
 
 def stripe_is_transient(exc: BaseException) -> bool:
-    """Network errors, 429, 409 (a request with the same key in flight), 5xx; Postgres outages."""
-    if isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError):
+    """Stripe's network errors, 429 and 5xx; a 409 (a request with the same idempotency key
+    still in flight); Postgres outages."""
+    if isinstance(exc, stripe.StripeError) and exc.http_status == 409:
         return True
-    if isinstance(exc, stripe.StripeError):
-        status = exc.http_status
-        return status is not None and (status >= 500 or status == 409)
-    return db.is_transient(exc)
+    return stripe_gateway_transient(exc) or db.is_transient(exc)
 
 
 # Stripe refused this payout: it is marked failed with Stripe's code and message. Other
@@ -243,20 +242,13 @@ class StripePayouts:
     """Creates one Stripe Payout per pending payout, never two."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.settings = settings
-        self.metrics = metrics
-        self._http = stripe.AIOHTTPClient(timeout=_STRIPE_TIMEOUT_S)
-        base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
-        self.client = stripe.StripeClient(
-            settings.stripe_api_key.get_secret_value(),
-            base_addresses=base,  # type: ignore[arg-type]  # a TypedDict with one key given
-            # Retries are ours (retry_transient): each looks the payout up before creating.
-            max_network_retries=0,
-            http_client=self._http,
-        )
+        # The SDK does not retry (max_network_retries=0): our retries look the payout up
+        # before they could create it again.
+        self.gateway = StripeGateway(settings, metrics)
+        self.client = self.gateway.client
 
     async def close(self) -> None:
-        await self._http.close_async()  # type: ignore[no-untyped-call]  # untyped in stripe 16.1
+        await self.gateway.close()
 
     async def send_pending(self, pool: Any) -> Counter[str]:
         """Send every pending payout, oldest first; outcomes counted (sent, failed, skipped).
@@ -319,20 +311,27 @@ class StripePayouts:
                 METADATA_PAYEE: payout["payee_ref"],
             },
         }
-        return await self.client.v1.payouts.create_async(
-            params,
-            options={
-                "idempotency_key": payout["payout_id"],
-                "stripe_account": payout["stripe_account"],
-            },
+        created: stripe.Payout = await self.gateway._timed(
+            "payouts.create",
+            self.client.v1.payouts.create_async(
+                params,
+                options={
+                    "idempotency_key": payout["payout_id"],
+                    "stripe_account": payout["stripe_account"],
+                },
+            ),
         )
+        return created
 
     async def find(self, payout: dict[str, Any]) -> stripe.Payout | None:
         """The Stripe Payout carrying this payout's id (and amount and currency), if any."""
         params: PayoutListParams = {"limit": _LOOKUP_PAGE}
         for _ in range(_LOOKUP_MAX_PAGES):
-            page = await self.client.v1.payouts.list_async(
-                params, options={"stripe_account": payout["stripe_account"]}
+            page: stripe.ListObject[stripe.Payout] = await self.gateway._timed(
+                "payouts.list",
+                self.client.v1.payouts.list_async(
+                    params, options={"stripe_account": payout["stripe_account"]}
+                ),
             )
             for item in page.data:
                 metadata = item.metadata.to_dict() if item.metadata is not None else {}

@@ -11,9 +11,11 @@ rebalance) changes nothing the second time.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -127,14 +129,22 @@ class BatchProcessor:
         return result
 
     async def process(
-        self, pool: Any, records: Sequence[Record], *, stopping: asyncio.Event | None = None
+        self,
+        pool: Any,
+        records: Sequence[Record],
+        *,
+        stopping: asyncio.Event | None = None,
+        before_commit: Callable[[str], None] | None = None,
     ) -> BatchResult:
         """Apply a batch in one transaction, retrying the whole transaction on outages."""
         prepared = self.prepare(records)
 
         async def attempt() -> BatchResult:
             async with pool.acquire() as conn, conn.transaction():
-                return await self.apply(conn, prepared)
+                result = await self.apply(conn, prepared)
+                if before_commit is not None:
+                    before_commit("crash_before_db_commit")
+                return result
 
         result = await retry_transient(
             attempt,
@@ -198,6 +208,7 @@ class ConsumerLoop:
         # Held while a batch is between fetch and offset commit; a rebalance waits for it.
         self.batch_lock = asyncio.Lock()
         self.totals = BatchResult()
+        self.batches = 0
 
     def stop(self) -> None:
         self.stopping.set()
@@ -205,6 +216,15 @@ class ConsumerLoop:
     @property
     def ready(self) -> bool:
         return self.started.is_set() and not self.stopping.is_set()
+
+    def _failpoint(self, point: str) -> None:
+        """Fault tests only (``CHARGELINE_FAILPOINT``): die here, as a SIGKILL would."""
+        if self.settings.failpoint is None:
+            return
+        name, every = self.settings.failpoint.split(":")
+        if name == point and self.batches % int(every) == 0:
+            log.warning("failpoint_crash", point=point, batch=self.batches)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     async def run(self) -> None:
         listener = _RebalanceListener(self)
@@ -250,8 +270,12 @@ class ConsumerLoop:
 
     async def _handle(self, records: list[Record]) -> None:
         started = time.monotonic()
+        self.batches += 1
         # 1. persist in one transaction (retried as a whole while Postgres is down);
-        result = await self.processor.process(self.pool, records, stopping=self.stopping)
+        result = await self.processor.process(
+            self.pool, records, stopping=self.stopping, before_commit=self._failpoint
+        )
+        self._failpoint("crash_after_db_commit")
         committed_at = time.time()
         # 2. then commit offsets. A crash between the two redelivers a batch whose effects
         #    are all keyed: the second delivery is counted as duplicates and changes nothing.

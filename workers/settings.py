@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     outbox_batch_size: int = Field(default=1000, ge=1)
     outbox_poll_ms: int = Field(default=50, ge=1)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    failpoint: str | None = Field(
+        default=None,
+        description="Fault injection for the fault tests only: `crash_before_db_commit:N` or "
+        "`crash_after_db_commit:N` SIGKILLs the worker at that point of every Nth batch.",
+        pattern=r"^(crash_before_db_commit|crash_after_db_commit):[1-9][0-9]*$",
+    )
     expiry_interval_s: float = Field(
         default=5.0, gt=0, description="How often the expiry worker looks for due grants."
     )

@@ -693,6 +693,11 @@ async def test_a_lost_stripe_answer_is_retried_without_a_second_payout(
         "chargeline_retries_total", {"component": "stripe"}
     )
     assert retries == 1
+    lost = worker.metrics.registry.get_sample_value(
+        "chargeline_stripe_errors_total",
+        {"call": "payouts.create", "error": "APIConnectionError"},
+    )
+    assert lost == 1
     at_stripe = await stand_in_payouts(settings, payout["payout_id"])
     assert [(p.amount, p.currency) for p in at_stripe] == [(total, "eur")]
     rows = await fetch(

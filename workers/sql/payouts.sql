@@ -186,23 +186,3 @@ UPDATE flows
 SET name = coalesce($2, name), payee_ref = coalesce($3, payee_ref), updated_at = now()
 WHERE flow_id = $1
 RETURNING flow_id;
-
--- name: verify_payout_totals
--- SPEC.md section 9, invariant 3, for `chargeline verify` (each query: the rows that break
--- it, at most $1): a payout's count and total are those of the charges naming it.
-SELECT p.payout_id, p.charge_count, p.amount,
-       count(c.charge_id) AS charges_held, coalesce(sum(c.amount), 0)::bigint AS amount_held
-FROM payouts p
-LEFT JOIN charges c ON c.payout_id = p.payout_id
-GROUP BY p.payout_id
-HAVING p.charge_count <> count(c.charge_id) OR p.amount <> coalesce(sum(c.amount), 0)
-LIMIT $1;
-
--- name: verify_payout_charges
--- A charge is paid out exactly when it names a payout, one in the charge's currency.
-SELECT c.charge_id, c.status, c.payout_id, c.currency, p.currency AS payout_currency
-FROM charges c
-LEFT JOIN payouts p ON p.payout_id = c.payout_id
-WHERE (c.status = 'paid_out') <> (c.payout_id IS NOT NULL)
-   OR (c.payout_id IS NOT NULL AND p.currency IS DISTINCT FROM c.currency)
-LIMIT $1;
