@@ -260,15 +260,11 @@ async def insert_charges(
 
 
 async def payout_violations(settings: Settings) -> list[dict[str, Any]]:
-    """Rows breaking invariant 3 (SPEC.md section 9): a payout whose count or total differs
-    from the charges naming it; a paid-out charge without a payout in its currency."""
+    """Rows breaking invariant 3 (SPEC.md section 9, `chargeline verify`'s payouts check): a
+    payout whose count or total differs from its charges, a charge in no real payout."""
     conn = await asyncpg.connect(settings.dsn)
     try:
-        return [
-            {"check": query, **dict(row.items())}
-            for query in ("verify_payout_totals", "verify_payout_charges")
-            for row in await conn.fetch(db.QUERIES[query], 100)
-        ]
+        return [dict(row.items()) for row in await conn.fetch(db.QUERIES["verify_payouts"], 100)]
     finally:
         await conn.close()
 
@@ -285,3 +281,87 @@ def chargeline(settings: Settings, *args: str) -> subprocess.CompletedProcess[st
         timeout=60,
         check=False,
     )
+
+
+# --- replay ---
+
+
+async def log_end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """The exact end of each partition of ``topic`` (fetch highwater, not ListOffsets)."""
+    from workers.replay import log_ends, topic_partitions
+
+    consumer = AIOKafkaConsumer(
+        group_id=None, enable_auto_commit=False, **security_options(settings)
+    )
+    await consumer.start()
+    try:
+        partitions = await topic_partitions(consumer, topic)
+        consumer.assign(partitions)
+        ends = await log_ends(consumer, partitions)
+        return {tp.partition: end for tp, end in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def group_offsets(settings: Settings, topic: str) -> dict[int, int | None]:
+    """The live consumer group's committed offsets on ``topic`` (None: nothing committed)."""
+    from workers.replay import topic_partitions
+
+    consumer = AIOKafkaConsumer(
+        group_id=settings.consumer_group, enable_auto_commit=False, **security_options(settings)
+    )
+    await consumer.start()
+    try:
+        partitions = await topic_partitions(consumer, topic)
+        return {tp.partition: await consumer.committed(tp) for tp in partitions}
+    finally:
+        await consumer.stop()
+
+
+async def move_group_to_end(settings: Settings, *topics: str) -> dict[TopicPartition, int]:
+    """Commit the log end of every partition for the live group (its workers stopped): what
+    an operator's offset reset past unprocessed records does. Joins the group as a member
+    (Tansu refuses commits from outside the group)."""
+    from workers.replay import log_ends
+
+    consumer = AIOKafkaConsumer(
+        *topics,
+        group_id=settings.consumer_group,
+        enable_auto_commit=False,
+        session_timeout_ms=6000,
+        **security_options(settings),
+    )
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not consumer.assignment():
+            assert time.monotonic() < deadline, "never got the partitions"
+            await consumer.getmany(timeout_ms=200)
+        ends = await log_ends(consumer, sorted(consumer.assignment()))
+        await consumer.commit(ends)
+        return ends
+    finally:
+        await consumer.stop()
+
+
+STATE_QUERIES = {
+    "charges": "SELECT count(*) || '/' || coalesce(sum(amount), 0) FROM charges",
+    "usage_events": "SELECT count(*)::text FROM usage_events",
+    "grants": "SELECT count(*) || '/' || coalesce(sum(remaining), 0) FROM grants",
+    "ledger_entries": "SELECT count(*)::text FROM ledger_entries",
+    "balances": "SELECT coalesce(string_agg(customer_ref || '=' || balance, ',' "
+    "ORDER BY customer_ref), '') FROM customers",
+    "alerts": "SELECT count(*)::text FROM alerts",
+    "dead_letters": "SELECT count(*)::text FROM dead_letters",
+    "conflicts": "SELECT count(*)::text FROM conflicts",
+    "outbox": "SELECT count(*)::text FROM outbox",
+}
+
+
+async def database_state(settings: Settings) -> dict[str, str]:
+    """A fingerprint of what the apply path writes: equal fingerprints, nothing changed."""
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        return {name: await conn.fetchval(query) for name, query in STATE_QUERIES.items()}
+    finally:
+        await conn.close()
