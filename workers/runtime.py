@@ -11,6 +11,7 @@ rebalance) changes nothing the second time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -360,6 +361,9 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
             log.info("partitions_revoked", worker=self.loop.name, partitions=_names(revoked))
             for tp in revoked:
                 self.loop.totals.next_offsets.pop(tp, None)
+                # Another member reports this partition's lag from now on.
+                with contextlib.suppress(KeyError):
+                    self.loop.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions_assigned", worker=self.loop.name, partitions=_names(assigned))
