@@ -141,4 +141,5 @@ FROM charges c
 LEFT JOIN payouts p USING (payout_id)
 WHERE (c.payout_id IS NOT NULL AND p.payout_id IS NULL)
    OR ((c.status = 'paid_out') <> (c.payout_id IS NOT NULL))
+   OR p.currency <> c.currency
 LIMIT $1;
