@@ -65,7 +65,13 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyn
         timeout=10,
         command_timeout=120,
         max_inactive_connection_lifetime=60,
-        server_settings={"application_name": "chargeline"},
+        server_settings={
+            "application_name": "chargeline",
+            # The batch statements take arrays of thousands of rows: after five runs Postgres
+            # would switch them to a generic plan that guesses array sizes and is about 15x
+            # slower (measured: 0.08 s -> 1.25 s for 5,000 charges). Plan each execution.
+            "plan_cache_mode": "force_custom_plan",
+        },
     )
     assert pool is not None
     return pool
