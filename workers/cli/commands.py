@@ -202,12 +202,3 @@ async def verify(settings: Settings, args: argparse.Namespace) -> int:
         verdict = "ok" if report.ok else f"{len(report.violations)} check(s) failed"
         print(f"verify: {verdict} ({report.checks} checks in {report.seconds:.2f}s)")
     return 0 if report.ok else 1
-
-
-DEAD_LETTER_COLUMNS = ["id", "reason", "topic", "partition", "offset", "detail", "created_at"]
-
-
-async def dlq_list(settings: Settings, args: argparse.Namespace) -> int:
-    rows = await _fetch(settings, "dead_letter_list", args.reason, args.since, args.limit)
-    emit_rows(rows, args.format, columns=DEAD_LETTER_COLUMNS, title="dead letters")
-    return 0

@@ -17,7 +17,7 @@ import asyncpg
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from workers.cli import commands, ledger, payouts
+from workers.cli import commands, customers, ledger, payouts, replay
 from workers.cli.args import Parser, identifier, positive_int, timestamp
 from workers.errors import ChargelineError, UsageError
 from workers.logs import configure_logging
@@ -27,7 +27,7 @@ Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 # Modules that add command groups: each has `register(nouns)`, adding its subparsers with
 # `set_defaults(run=<async (settings, args) -> exit code>)`. One line per module.
-COMMAND_MODULES: list[Any] = [ledger, payouts]
+COMMAND_MODULES: list[Any] = [ledger, payouts, customers, replay]
 
 
 def _format(parser: argparse.ArgumentParser) -> None:
@@ -115,16 +115,6 @@ def build_parser() -> Parser:  # noqa: PLR0915 -- a parser is a long flat list
     _format(publish)
     publish.set_defaults(run=commands.publish)
 
-    dlq = nouns.add_parser("dlq", help="dead letters").add_subparsers(
-        dest="action", required=True, parser_class=Parser
-    )
-    dlist = dlq.add_parser("list", help="dead letters, newest first")
-    dlist.add_argument("--reason")
-    dlist.add_argument("--since", type=timestamp)
-    dlist.add_argument("--limit", type=positive_int, default=100)
-    _format(dlist)
-    dlist.set_defaults(run=commands.dlq_list)
-
     check = nouns.add_parser("verify", help="check the invariants; exit 1 on any violation")
     check.add_argument("--limit", type=positive_int, default=20, help="rows shown per check")
     check.add_argument("--format", choices=("table", "json"), default="table")
@@ -154,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 -- one exit
         print(f"chargeline: error: invalid configuration: {problems}", file=sys.stderr)
         return 2
     if args.command not in ("worker", "dev"):
-        settings = settings.model_copy(update={"log_format": "console", "log_level": "warning"})
+        settings = settings.model_copy(update={"log_format": "console", "log_level": "error"})
     configure_logging(settings.log_level, settings.log_format)
     run: Command = args.run
     try:

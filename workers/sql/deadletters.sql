@@ -39,10 +39,42 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::inte
 ON CONFLICT ON CONSTRAINT conflicts_source_position DO NOTHING;
 
 -- name: dead_letter_list
+-- $4: true = replayed only, false = not yet replayed only, NULL = both.
 SELECT dead_letter_id AS id, reason, topic, partition, "offset", detail, created_at,
        replayed_at, record_key
 FROM dead_letters
 WHERE ($1::text IS NULL OR reason = $1)
   AND ($2::timestamptz IS NULL OR created_at >= $2)
+  AND ($4::boolean IS NULL OR (replayed_at IS NOT NULL) = $4)
 ORDER BY dead_letter_id DESC
 LIMIT $3;
+
+-- name: dead_letters_to_replay
+-- One page of dead letters not yet replayed, oldest first, locked until the page's
+-- transaction ends: two `dlq replay` runs at once take disjoint pages (SKIP LOCKED), and
+-- `replayed_at IS NULL` keeps a later run from taking them again. $1 is the last id of
+-- the previous page (keyset paging: rows left unreplayed are not read again).
+SELECT dead_letter_id AS id, reason, topic, partition, "offset", record_key, record_value,
+       record_headers::text AS record_headers, created_at
+FROM dead_letters
+WHERE replayed_at IS NULL
+  AND dead_letter_id > $1
+  AND ($2::text[] IS NULL OR reason = ANY($2))
+  AND ($3::bigint[] IS NULL OR dead_letter_id = ANY($3))
+  AND ($4::timestamptz IS NULL OR created_at >= $4)
+ORDER BY dead_letter_id
+LIMIT $5
+FOR UPDATE SKIP LOCKED;
+
+-- name: dead_letters_mark_replayed
+UPDATE dead_letters SET replayed_at = now()
+WHERE dead_letter_id = ANY($1::bigint[]) AND replayed_at IS NULL;
+
+-- name: dead_letters_by_id
+-- For `dlq replay --ids`: which of the ids exist, and which were replayed already.
+SELECT dead_letter_id AS id, replayed_at
+FROM dead_letters
+WHERE dead_letter_id = ANY($1::bigint[]);
+
+-- name: flow_statuses
+SELECT flow_id, status FROM flows WHERE flow_id = ANY($1::text[]);
