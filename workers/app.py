@@ -69,7 +69,13 @@ class WorkerProcess:
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         settings = self.settings
-        kinds = set(WORKER_KINDS) - {"all"} if "all" in self.kinds else set(self.kinds)
+        # `all` is everything but verify: a full check of every invariant is for one
+        # dedicated process (or `chargeline verify`), not for every worker replica.
+        kinds = (
+            set(WORKER_KINDS) - {"all", "verify"} | set(self.kinds) - {"all"}
+            if "all" in self.kinds
+            else set(self.kinds)
+        )
         # A connection for each loop (the relay keeps one for its leader lock) and a spare,
         # so a periodic worker never makes the ingest loop wait for a connection.
         pool = await db.create_pool(settings.dsn, min_size=1, max_size=len(kinds) + 1)

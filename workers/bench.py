@@ -48,6 +48,7 @@ from workers.settings import Settings
 console = Console(stderr=True)
 
 CUSTOMERS = 10_000
+PHASE_LIMIT_S = 180.0  # no phase may hang the whole run
 FLOWS = 20
 PARTITIONS = 6
 
@@ -546,18 +547,33 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
             results["cpu_s_per_1k_events"] = cpu / load.total * 1000
             results["worker_peak_rss_mib"] = worker.peak_rss_mib()
             console.print("fixed-rate load at half capacity...")
-            results.update(
-                await fixed_rate(
-                    settings, worker, results["throughput_eps"] / 2, 20.0, run, load.total
+            try:
+                results.update(
+                    await asyncio.wait_for(
+                        fixed_rate(
+                            settings, worker, results["throughput_eps"] / 2, 20.0, run, load.total
+                        ),
+                        timeout=PHASE_LIMIT_S,
+                    )
                 )
-            )
+            except TimeoutError:
+                # Reported, not hidden: the figures stay NaN and the table says why.
+                console.print(f"[red]fixed-rate phase did not finish in {PHASE_LIMIT_S}s[/red]")
+                results.update(
+                    latency_records=0.0,
+                    latency_p50_ms=float("nan"),
+                    latency_p99_ms=float("nan"),
+                    alert_latency_p99_ms=float("nan"),
+                    alerts_measured=0.0,
+                    timed_out="fixed_rate",
+                )
         finally:
             worker.stop()
 
         console.print("raw COPY...")
-        results["raw_copy_eps"] = await raw_copy(settings, load)
+        results["raw_copy_eps"] = await asyncio.wait_for(raw_copy(settings, load), PHASE_LIMIT_S)
         console.print("naive per-event transactions...")
-        results["naive_eps"] = await naive(settings)
+        results["naive_eps"] = await asyncio.wait_for(naive(settings), PHASE_LIMIT_S)
 
         console.print("replay (a new group re-reads everything: all duplicates)...")
         replayer = WorkerRun(

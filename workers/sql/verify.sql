@@ -102,13 +102,17 @@ LIMIT $1;
 
 -- name: verify_alerts_in_outbox
 -- Every alert was written to the outbox exactly once.
-SELECT a.alert_id::text, a.customer_ref, a.type, count(o.outbox_id) AS outbox_rows
+-- Each outbox row's JSON is read once, then hash-joined: linear, not alerts x outbox.
+WITH emitted AS MATERIALIZED (
+    SELECT (convert_from(record_value, 'UTF8')::jsonb ->> 'alert_id')::uuid AS alert_id
+    FROM outbox WHERE kind = 'alert'
+), emitted_counts AS (
+    SELECT alert_id, count(*) AS outbox_rows FROM emitted GROUP BY alert_id
+)
+SELECT a.alert_id::text, a.customer_ref, a.type, coalesce(e.outbox_rows, 0) AS outbox_rows
 FROM alerts a
-LEFT JOIN outbox o
-       ON o.kind = 'alert'
-      AND (convert_from(o.record_value, 'UTF8')::jsonb ->> 'alert_id') = a.alert_id::text
-GROUP BY a.alert_id, a.customer_ref, a.type
-HAVING count(o.outbox_id) <> 1
+LEFT JOIN emitted_counts e USING (alert_id)
+WHERE coalesce(e.outbox_rows, 0) <> 1
 LIMIT $1;
 
 -- name: verify_dead_letters
