@@ -420,32 +420,30 @@ async def fixed_rate(
     before = (await worker.metrics())["lag_buckets"]
     producer = make_producer(settings, client_id="chargeline-bench-rate")
     await producer.start()
-    sent: dict[str, float] = {}  # depleting reference -> append time (ms)
+    pending: list[tuple[str | None, Any]] = []  # (depleting reference or None, ack future)
     count = 0
     try:
         # Customers of this phase hold 1,000 tokens; their 3rd usage of 400 depletes them.
         started = time.monotonic()
         n = 0
-        while time.monotonic() - started < seconds:
-            due = int((time.monotonic() - started) * rate)
-            while n < due:
+        while (elapsed := time.monotonic() - started) < seconds:
+            due = int(elapsed * rate)
+            while n < due and time.monotonic() - started < seconds:
                 customer = f"{run}lat-{n // 4:06d}"
                 if n % 4 == 0:
-                    value = orjson.loads(_grant(customer, f"{run}lat-grant-{n}", 1_000)[1])
+                    key, value = _grant(customer, f"{run}lat-grant-{n}", 1_000)
                 else:
-                    value = orjson.loads(_usage(customer, f"{run}lat-{n}", 400, n)[1])
-                metadata = await (
-                    await producer.send(
-                        settings.topic_usage, value=orjson.dumps(value), key=customer.encode()
-                    )
-                )
-                if n % 4 == 3:
-                    sent[value["reference"]] = metadata.timestamp
+                    key, value = _usage(customer, f"{run}lat-{n}", 400, n)
+                future = await producer.send(settings.topic_usage, value=value, key=key)
+                pending.append((f"{run}lat-{n}" if n % 4 == 3 else None, future))
                 n += 1
                 count += 1
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.002)
+        acks = await asyncio.gather(*(future for _, future in pending))
     finally:
         await producer.stop()
+    # The broker's append time of each depleting record (CreateTime, set at send).
+    sent = {ref: ack.timestamp for (ref, _), ack in zip(pending, acks, strict=True) if ref}
     await worker.wait_events(already + count, limit_s=120)
     deadline = time.monotonic() + 60
     alert_latencies: list[float] = []
