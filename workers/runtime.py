@@ -230,18 +230,12 @@ class ConsumerLoop:
     async def run(self) -> None:
         listener = _RebalanceListener(self)
         self.consumer.subscribe(self.processor.topics, listener=listener)
-        await retry_transient(
-            self.consumer.start,
-            is_transient=kafka_is_transient,
-            component="kafka",
-            settings=self.settings,
-            metrics=self.metrics,
-            stopping=self.stopping,
-        )
-        self.started.set()
-        self.metrics.ready.labels(worker=self.name).set(1)
-        log.info("worker_started", worker=self.name, topics=self.processor.topics)
         try:
+            if not await self._start():
+                return
+            self.started.set()
+            self.metrics.ready.labels(worker=self.name).set(1)
+            log.info("worker_started", worker=self.name, topics=self.processor.topics)
             while not self.stopping.is_set():
                 batches = await self.consumer.getmany(
                     timeout_ms=self.settings.batch_max_wait_ms,
@@ -268,6 +262,37 @@ class ConsumerLoop:
                 records=self.totals.records,
                 outcomes=dict(self.totals.outcome_totals()),
             )
+
+    async def _start(self) -> bool:
+        """Start the consumer; False if asked to stop first.
+
+        Starting includes joining the group, which waits for a rebalance to complete: seconds
+        normally, indefinitely when the coordinator never completes it. A stop request must
+        not wait for that (SIGTERM would go unanswered until the orchestrator's SIGKILL).
+        """
+        starting = asyncio.ensure_future(
+            retry_transient(
+                self.consumer.start,
+                is_transient=kafka_is_transient,
+                component="kafka",
+                settings=self.settings,
+                metrics=self.metrics,
+                stopping=self.stopping,
+            )
+        )
+        stop_requested = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_requested.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            log.info("worker_stopped_before_joining", worker=self.name)
+            return False
+        await starting  # its error, if it failed
+        return True
 
     async def _handle(self, records: list[Record]) -> None:
         started = time.monotonic()

@@ -1,11 +1,14 @@
 """The broker frozen for 20 s (SIGSTOP, then SIGCONT) in the middle of a load (issue 8,
 fault 5): longer than the session timeout, with fetches, offset commits, heartbeats and
 the outbox relay's sends in flight. The workers resume by themselves within 60 s of the
-broker coming back, and every event is applied exactly once."""
+broker coming back, and every event is applied exactly once. A worker started while the
+broker is frozen (so it cannot join the group) still stops promptly on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -48,6 +51,13 @@ async def test_broker_paused_for_20s_workers_resume_within_60s(
         broker.pause()
         try:
             paused_at = time.monotonic()
+            # A worker started now cannot join the group; asked to stop, it must stop anyway.
+            late = group.spawn("charges", "usage")
+            await asyncio.sleep(6)
+            late.signal(signal.SIGTERM)
+            stopped_in = await wait_until(
+                lambda: not late.alive, timeout=PAUSE_S - 8, what="the joining worker to stop"
+            )
             await wait_until(lambda: time.monotonic() - paused_at >= PAUSE_S, timeout=60, what="")
             applied_during = await row_counts(settings)
         finally:
@@ -66,6 +76,7 @@ async def test_broker_paused_for_20s_workers_resume_within_60s(
         f"{applied_during} at its end) of {len(load.sent)} records; after SIGCONT everything "
         f"was applied in {resumed:.1f}s and the outbox drained in {drained:.1f}s more "
         f"(limit {RESUME_WITHIN_S}s); {kafka_retries} Kafka retries, {rejoins} assignments; "
+        f"a worker started during the pause stopped {stopped_in:.1f}s after its SIGTERM; "
         f"checked {summary}"
     )
 
