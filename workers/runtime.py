@@ -136,25 +136,49 @@ class BatchProcessor:
         *,
         stopping: asyncio.Event | None = None,
         before_commit: Callable[[str], None] | None = None,
+        prepared: list[tuple[Handler, list[Parsed], list[Rejected]]] | None = None,
     ) -> BatchResult:
-        """Apply a batch in one transaction, retrying the whole transaction on outages."""
-        prepared = self.prepare(records)
+        """Apply a batch: one transaction per topic, the topics' transactions concurrently,
+        each retried as a whole on outages. ``prepared`` is ``prepare(records)`` when the
+        caller already has it.
 
-        async def attempt() -> BatchResult:
-            async with pool.acquire() as conn, conn.transaction():
-                result = await self.apply(conn, prepared)
-                if before_commit is not None:
-                    before_commit("crash_before_db_commit")
-                return result
+        A batch needs no atomicity across topics (their partitions are separate streams, and
+        offsets are committed only once every transaction has committed); running them side
+        by side lets Postgres work on one topic while this process computes the other's.
+        """
+        if prepared is None:
+            prepared = self.prepare(records)
 
-        result = await retry_transient(
-            attempt,
-            is_transient=db.is_transient,
-            component="postgres",
-            settings=self.settings,
-            metrics=self.metrics,
-            stopping=stopping,
-        )
+        async def transaction(part: tuple[Handler, list[Parsed], list[Rejected]]) -> BatchResult:
+            async def attempt() -> BatchResult:
+                async with pool.acquire() as conn, conn.transaction():
+                    result = await self.apply(conn, [part])
+                    if before_commit is not None:
+                        before_commit("crash_before_db_commit")
+                    return result
+
+            return await retry_transient(
+                attempt,
+                is_transient=db.is_transient,
+                component="postgres",
+                settings=self.settings,
+                metrics=self.metrics,
+                stopping=stopping,
+            )
+
+        result = BatchResult()
+        if len(prepared) == 1:
+            result.add(await transaction(prepared[0]))
+        elif prepared:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(transaction(part)) for part in prepared]
+            except BaseExceptionGroup as failed:
+                # The first failure, as a single transaction would have raised it (Stopping
+                # on shutdown, say); the group has already cancelled the other transactions.
+                raise failed.exceptions[0] from None
+            for task in tasks:
+                result.add(task.result())
         result.records = len(records)
         result.next_offsets = next_offsets(records)
         return result
@@ -206,8 +230,13 @@ class ConsumerLoop:
         self.name = name
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
-        # Held while a batch is between fetch and offset commit; a rebalance waits for it.
+        # Held from a batch's fetch until it is handed to ``in_flight``; a rebalance takes it
+        # and then waits for ``in_flight``, so every fetched batch is applied and its offsets
+        # committed before the partitions move.
         self.batch_lock = asyncio.Lock()
+        # The batch being applied and committed while the next one is fetched and parsed:
+        # the worker's CPU work overlaps Postgres's, and at most two batches are in memory.
+        self.in_flight: asyncio.Task[None] | None = None
         self.totals = BatchResult()
         self.batches = 0
 
@@ -244,12 +273,14 @@ class ConsumerLoop:
                 records = [record for tp_records in batches.values() for record in tp_records]
                 if records:
                     async with self.batch_lock:
-                        await self._handle(records)
+                        await self._submit(records)
                 self._update_lag()
+            await self.settle()
         except Stopping as exc:
             log.warning("worker_stopped_with_batch_unapplied", worker=self.name, reason=str(exc))
         finally:
             self.metrics.ready.labels(worker=self.name).set(0)
+            await self._abandon_in_flight()
             try:
                 # Leaving the group lets the others take the partitions at once; if the
                 # broker does not answer, the session timeout will do it instead.
@@ -294,12 +325,48 @@ class ConsumerLoop:
         await starting  # its error, if it failed
         return True
 
-    async def _handle(self, records: list[Record]) -> None:
+    async def _submit(self, records: list[Record]) -> None:
+        """Parse ``records`` while the previous batch is in Postgres, then hand them over."""
+        prepared = self.processor.prepare(records)
+        await self.settle()  # batches commit in fetch order
+        self.in_flight = asyncio.create_task(self._handle(records, prepared))
+
+    async def settle(self) -> None:
+        """Wait until the batch in flight is applied and its offsets committed (or raise
+        what stopped it)."""
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None:
+            await in_flight
+
+    async def quiesce(self) -> None:
+        """Wait until no batch is in flight, leaving its outcome for ``settle`` to raise in
+        the loop (a rebalance callback is the wrong place to stop the worker)."""
+        if self.in_flight is not None:
+            await asyncio.wait({self.in_flight})
+
+    async def _abandon_in_flight(self) -> None:
+        # Only reached with a batch in flight when the loop failed: its outcome no longer
+        # matters (it is redelivered to whoever reads the partition next), but it must not
+        # outlive the consumer it commits through.
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is not None and not in_flight.done():
+            in_flight.cancel()
+        if in_flight is not None:
+            with contextlib.suppress(BaseException):
+                await in_flight
+
+    async def _handle(
+        self, records: list[Record], prepared: list[tuple[Handler, list[Parsed], list[Rejected]]]
+    ) -> None:
         started = time.monotonic()
         self.batches += 1
         # 1. persist in one transaction (retried as a whole while Postgres is down);
         result = await self.processor.process(
-            self.pool, records, stopping=self.stopping, before_commit=self._failpoint
+            self.pool,
+            records,
+            stopping=self.stopping,
+            before_commit=self._failpoint,
+            prepared=prepared,
         )
         self._failpoint("crash_after_db_commit")
         committed_at = time.time()
@@ -383,6 +450,7 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         # Let the batch in flight finish its database and offset commits before the
         # partitions move, so the next owner starts where this one stopped.
         async with self.loop.batch_lock:
+            await self.loop.quiesce()
             log.info("partitions_revoked", worker=self.loop.name, partitions=_names(revoked))
             for tp in revoked:
                 self.loop.totals.next_offsets.pop(tp, None)
