@@ -64,6 +64,19 @@ async def test_verify_passes_then_finds_each_corruption(settings: Settings) -> N
         assert report["violations"][0]["rows"][0]["customer_ref"] == "c1"
         await conn.execute("UPDATE customers SET balance = balance - 1 WHERE customer_ref = 'c1'")
 
+        # An entry whose usage event is gone: what the ledger's foreign keys used to refuse.
+        moved = await conn.fetchval(
+            "UPDATE ledger_entries SET usage_id = usage_id + 1000000 "
+            "WHERE customer_ref = 'c2' AND usage_id IS NOT NULL RETURNING reference"
+        )
+        code, report = verdict(settings)
+        checks = {v["check"] for v in report["violations"]}
+        assert (moved, code) == ("u2", 1) and "ledger_references" in checks
+        await conn.execute(
+            "UPDATE ledger_entries SET usage_id = usage_id - 1000000 "
+            "WHERE customer_ref = 'c2' AND usage_id IS NOT NULL"
+        )
+
         await conn.execute("DELETE FROM ledger_entries WHERE customer_ref = 'c2'")
         code, report = verdict(settings)
         checks = {v["check"] for v in report["violations"]}

@@ -79,6 +79,18 @@ FROM (
 WHERE balance_after <> running OR seq <> position
 LIMIT $1;
 
+-- name: verify_ledger_references
+-- Every entry's grant, usage event and void exists (the ledger has no foreign keys: 0005).
+SELECT e.entry_id, e.customer_ref, e.seq, e.kind, e.grant_id, e.usage_id, e.void_id
+FROM ledger_entries e
+LEFT JOIN grants g ON g.grant_id = e.grant_id
+LEFT JOIN usage_events u ON u.usage_id = e.usage_id
+LEFT JOIN credit_voids v ON v.void_id = e.void_id
+WHERE (e.grant_id IS NOT NULL AND g.grant_id IS NULL)
+   OR (e.usage_id IS NOT NULL AND u.usage_id IS NULL)
+   OR (e.void_id IS NOT NULL AND v.void_id IS NULL)
+LIMIT $1;
+
 -- name: verify_alerts
 -- Each depleted/recovered alert is a crossing at its ledger position, and per customer
 -- they alternate, starting with recovered (a new customer starts at 0).
