@@ -49,7 +49,7 @@ class ChargesHandler:
             for column, value in zip(columns, row, strict=True):
                 column.append(value)
         rows = await conn.fetch(QUERIES["record_charges"], *columns, self.topic)
-        verdicts, raced = verdicts_from_rows(rows)
+        verdicts, raced = verdicts_from_rows(rows, events)
         # Neither recorded nor stored before: the flow refused it, or another transaction
         # committed the same key while this statement ran.
         lost_race = []

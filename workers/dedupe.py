@@ -32,7 +32,10 @@ class Stored:
     """What Postgres already holds for a dedup key."""
 
     fingerprint: bytes
-    payload: str  # JSON text, kept beside a conflict
+    payload: str | bytes  # JSON, kept beside a conflict (bytes: an event's canonical JSON)
+
+    def payload_text(self) -> str:
+        return self.payload if isinstance(self.payload, str) else self.payload.decode()
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,7 +92,7 @@ def judge(
     held: list[Stored | None] = []
     for parsed, verdict in zip(firsts, verdicts, strict=True):
         if verdict.recorded:
-            held.append(Stored(parsed.fingerprint, parsed.payload.decode()))
+            held.append(Stored(parsed.fingerprint, parsed.payload))
             _count(counts, parsed, Outcome.RECORDED)
         elif verdict.stored is not None:
             held.append(verdict.stored)
@@ -129,7 +132,7 @@ def _same_or_conflict(
             "reference_conflict",
             f"{parsed.event_type} {key} was first recorded with another payload",
             parsed.event_type,
-            conflict=Conflict(parsed.dedup_key, stored.payload, parsed.payload.decode()),
+            conflict=Conflict(parsed.dedup_key, stored.payload_text(), parsed.payload.decode()),
         )
     )
     _count(counts, parsed, Outcome.CONFLICT)
@@ -139,19 +142,25 @@ def _count(counts: Counter[tuple[str, str, str]], parsed: Parsed, outcome: Outco
     counts[(parsed.record.topic, parsed.event_type, outcome.value)] += 1
 
 
-def verdicts_from_rows(rows: list[Any]) -> tuple[list[Verdict | None], list[int]]:
+def verdicts_from_rows(
+    rows: list[Any], events: list[Parsed]
+) -> tuple[list[Verdict | None], list[int]]:
     """Verdicts from the rows of a ``record_*`` statement (``new_id``/``inserted``,
     ``stored_fingerprint``, ``stored_payload``), and the indexes that raced: keys another
-    transaction committed after the statement's snapshot, to be looked up once more."""
+    transaction committed after the statement's snapshot, to be looked up once more.
+
+    The statements send the stored payload only when it differs from the event's: for a
+    duplicate (equal fingerprints) the event's own payload is the stored one."""
     verdicts: list[Verdict | None] = []
     raced: list[int] = []
     for index, row in enumerate(rows):
         if row["new_id"] is not None:
             verdicts.append(RECORDED)
-        elif row["stored_fingerprint"] is not None:
-            verdicts.append(
-                Verdict(stored=Stored(row["stored_fingerprint"], row["stored_payload"]))
-            )
+        elif (fingerprint := row["stored_fingerprint"]) is not None:
+            payload = row["stored_payload"]
+            if payload is None:
+                payload = events[index].payload
+            verdicts.append(Verdict(stored=Stored(fingerprint, payload)))
         else:
             verdicts.append(None)
             raced.append(index)

@@ -78,7 +78,7 @@ class UsageHandler:
         self, conn: Any, query: str, race_query: str, events: list[Parsed], columns: list[list[Any]]
     ) -> tuple[list[Verdict | None], list[int | None]]:
         rows = await conn.fetch(QUERIES[query], *columns, self.topic)
-        verdicts, raced = verdicts_from_rows(rows)
+        verdicts, raced = verdicts_from_rows(rows, events)
         if raced:
             keys = [parsed.dedup_key for parsed in events]
             await resolve_races(conn, QUERIES[race_query], keys, verdicts, raced)

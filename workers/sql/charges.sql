@@ -34,11 +34,18 @@ SELECT i.ord,
        f.status AS flow_status,
        ins.charge_id AS new_id,
        existing.fingerprint AS stored_fingerprint,
-       existing.payload::text AS stored_payload
+       -- The stored payload only where it differs (a conflict): a duplicate's is its own.
+       CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
+           AS stored_payload
 FROM input i
 LEFT JOIN flow f ON f.flow_id = i.flow_id
 LEFT JOIN inserted ins ON ins.flow_id = i.flow_id AND ins.reference = i.reference
-LEFT JOIN charges existing ON existing.flow_id = i.flow_id AND existing.reference = i.reference
+-- One index probe per input row (LIMIT 1 keeps the planner from hashing the whole table).
+LEFT JOIN LATERAL (
+    SELECT * FROM charges e
+    WHERE e.flow_id = i.flow_id AND e.reference = i.reference
+    LIMIT 1
+) existing ON true
 ORDER BY i.ord;
 
 -- name: stored_charges

@@ -19,15 +19,20 @@ inserted AS (
     RETURNING usage_id, customer_ref, reference
 )
 SELECT i.ord, ins.usage_id AS new_id, existing.fingerprint AS stored_fingerprint,
-       CASE WHEN existing.usage_id IS NOT NULL THEN jsonb_strip_nulls(jsonb_build_object(
+       -- The stored payload only where it differs (a conflict): a duplicate's is its own.
+       CASE WHEN existing.fingerprint <> i.fingerprint THEN jsonb_strip_nulls(jsonb_build_object(
            'type', 'usage', 'customer_ref', existing.customer_ref,
            'reference', existing.reference, 'tokens', existing.tokens,
            'feature', existing.feature, 'metadata', existing.metadata::jsonb,
            'occurred_at', existing.occurred_at))::text END AS stored_payload
 FROM input i
 LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
-LEFT JOIN usage_events existing
-       ON existing.customer_ref = i.customer_ref AND existing.reference = i.reference
+-- One index probe per input row (LIMIT 1 keeps the planner from hashing the whole table).
+LEFT JOIN LATERAL (
+    SELECT * FROM usage_events e
+    WHERE e.customer_ref = i.customer_ref AND e.reference = i.reference
+    LIMIT 1
+) existing ON true
 ORDER BY i.ord;
 
 -- name: stored_usage
@@ -62,11 +67,16 @@ inserted AS (
     RETURNING grant_id, customer_ref, reference
 )
 SELECT i.ord, ins.grant_id AS new_id, existing.fingerprint AS stored_fingerprint,
-       existing.payload::text AS stored_payload
+       CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
+           AS stored_payload
 FROM input i
 LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
-LEFT JOIN grants existing
-       ON existing.customer_ref = i.customer_ref AND existing.reference = i.reference
+-- One index probe per input row (LIMIT 1 keeps the planner from hashing the whole table).
+LEFT JOIN LATERAL (
+    SELECT * FROM grants e
+    WHERE e.customer_ref = i.customer_ref AND e.reference = i.reference
+    LIMIT 1
+) existing ON true
 ORDER BY i.ord;
 
 -- name: stored_grants
@@ -95,11 +105,16 @@ inserted AS (
     RETURNING void_id, customer_ref, reference
 )
 SELECT i.ord, ins.void_id AS new_id, existing.fingerprint AS stored_fingerprint,
-       existing.payload::text AS stored_payload
+       CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
+           AS stored_payload
 FROM input i
 LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
-LEFT JOIN credit_voids existing
-       ON existing.customer_ref = i.customer_ref AND existing.reference = i.reference
+-- One index probe per input row (LIMIT 1 keeps the planner from hashing the whole table).
+LEFT JOIN LATERAL (
+    SELECT * FROM credit_voids e
+    WHERE e.customer_ref = i.customer_ref AND e.reference = i.reference
+    LIMIT 1
+) existing ON true
 ORDER BY i.ord;
 
 -- name: stored_voids
