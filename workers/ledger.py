@@ -118,6 +118,9 @@ class Ledger:
         self.customers = customers
         self.now = now
         self.changes = Changes()
+        # Customers already brought to ``now``: ``now`` is fixed for a ledger's life, and a
+        # grant added later is brought to ``now`` by ``grant`` itself, so once is enough.
+        self._current: set[str] = set()
 
     # --- events -----------------------------------------------------------------------------
 
@@ -182,6 +185,9 @@ class Ledger:
         if customer is None:
             customer = Customer(customer_ref, 0, 0, 0, None)
             self.customers[customer_ref] = customer
+        if customer_ref in self._current:
+            return customer
+        self._current.add(customer_ref)
         due: list[tuple[datetime, int, Grant]] = []
         for grant in customer.grants:
             if grant.status == "pending" and grant.effective_at <= self.now:
@@ -196,6 +202,10 @@ class Ledger:
         return customer
 
     def _consumable(self, customer: Customer) -> list[Grant]:
+        grants = customer.grants
+        if len(grants) == 1:  # the common case, without the sort
+            only = grants[0]
+            return [only] if only.status == "active" and only.remaining > 0 else []
         return sorted(
             (g for g in customer.grants if g.status == "active" and g.remaining > 0),
             key=Grant.consumption_key,

@@ -68,6 +68,7 @@ def parse_records(
     """Validate every record; return the events (in record order) and the rejections."""
     parsed: list[Parsed] = []
     rejected: list[Rejected] = []
+    append_times: dict[int, datetime] = {}
     for record in records:
         value: bytes | None = record.value
         if value is None:
@@ -109,7 +110,12 @@ def parse_records(
                 )
             )
             continue
-        occurred_at = event.occurred_at if event.occurred_at is not None else record_time(record)
+        occurred_at = event.occurred_at
+        if occurred_at is None:
+            # Records of a batch share few timestamps (milliseconds): one datetime each.
+            occurred_at = append_times.get(record.timestamp)
+            if occurred_at is None:
+                occurred_at = append_times[record.timestamp] = record_time(record)
         payload = canonical_json(event)
         parsed.append(Parsed(record, event, payload, hashlib.sha256(payload).digest(), occurred_at))
     return parsed, rejected
