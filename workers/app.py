@@ -19,7 +19,7 @@ from workers.metrics import Metrics
 from workers.outbox import OutboxRelay
 from workers.payouts import PayoutWorker
 from workers.reloads import ReloadWorker
-from workers.runtime import BatchProcessor, ConsumerLoop, Handler
+from workers.runtime import BatchProcessor, ConsumerLoop, Handler, tune_gc_for_batches
 from workers.settings import Settings
 from workers.usage import UsageHandler
 from workers.verify import VerifyWorker
@@ -82,6 +82,7 @@ class WorkerProcess:
         try:
             handlers = build_handlers(settings, sorted(kinds & set(INGEST_KINDS)))
             if handlers:
+                tune_gc_for_batches()
                 processor = BatchProcessor(settings, handlers, self.metrics)
                 consumer = make_consumer(
                     settings, group_id=settings.consumer_group, client_id="chargeline-ingest"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -182,6 +183,21 @@ class BatchProcessor:
         result.records = len(records)
         result.next_offsets = next_offsets(records)
         return result
+
+
+def tune_gc_for_batches() -> None:
+    """Collect cycles less often in a process that streams batches through.
+
+    A batch allocates tens of thousands of short-lived, acyclic objects (records, events,
+    verdicts, ledger entries) that reference counting frees; with the default threshold
+    (700) the cyclic collector still runs every few hundred events and walks the whole young
+    heap each time, about a fifth of the parse cost. Objects alive at startup (modules,
+    settings, the schema) are frozen out of every collection. Memory stays bounded: cycles
+    are still collected, every 50,000 allocations instead of 700.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _invalid_outcome(rejected: Rejected) -> str:
