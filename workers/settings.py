@@ -62,6 +62,12 @@ class Settings(BaseSettings):
         ge=1000,
         description="How long the group waits for a silent member before moving its partitions.",
     )
+    kafka_fetch_max_wait_ms: int = Field(
+        default=100,
+        ge=1,
+        le=30_000,
+        description="Longest a fetch may wait for records; bounds latency on quiet partitions.",
+    )
 
     stripe_api_key: SecretStr = SecretStr("sk_test_chargeline")
     stripe_api_base: str | None = None
