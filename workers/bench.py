@@ -13,8 +13,9 @@ machine. Phases:
 5. naive: the same worker with batches of one event, so one transaction and one offset
    commit per event (the baseline every peer is compared with); and, for reference, a
    floor under it: two bare statements per event;
-6. a fixed-rate load at half the measured throughput: end-to-end latency (record append
-   to database commit, from the worker's histogram) and alert latency (depleting record's
+6. the same mix at a fixed rate, half the measured throughput, with depletions of fresh
+   customers threaded through (one record in 25): end-to-end latency (record append to
+   database commit, from the worker's histogram) and alert latency (depleting record's
    append to the alert's append on billing.alerts);
 7. replay: a new consumer group re-reads the whole load (all duplicates).
 """
@@ -67,11 +68,15 @@ class Load:
         return len(self.usage) + len(self.charges)
 
 
+def customer_count(events: int) -> int:
+    return min(CUSTOMERS, max(10, events // 100))
+
+
 def build_load(events: int, *, seed: int = 1, run: str = "") -> Load:
     """``events`` records; grants for every customer first, so usage has something to eat."""
     rng = random.Random(seed)  # noqa: S311 -- benchmark data, not secrets
     load = Load()
-    customers = min(CUSTOMERS, max(10, events // 100))
+    customers = customer_count(events)
     unique_usage, unique_charges = [], []
     for n in range(customers):
         customer = f"cust-{n:05d}"
@@ -458,30 +463,60 @@ def _diff(after: dict[float, float], before: dict[float, float]) -> dict[float, 
     return {le: after[le] - before.get(le, 0.0) for le in after}
 
 
+DEPLETING_EVERY = 25  # one record in 25 of the fixed-rate load belongs to a depletion
+
+
+def fixed_rate_record(
+    n: int, customers: int, run: str, rng: random.Random
+) -> tuple[str, tuple[bytes, bytes], str | None]:
+    """Record ``n`` of the fixed-rate load: (topic kind, (key, value), depleting reference).
+
+    The mix of the drained load (usage of customers with grants, charges over the flows),
+    so that half of the drain's throughput is half capacity for it too; one record in
+    ``DEPLETING_EVERY`` is a step of a depletion: a fresh customer gets 1,000 tokens and
+    its third usage of 400 drains them, which must raise an alert.
+    """
+    if n % DEPLETING_EVERY == 0:
+        step = n // DEPLETING_EVERY
+        customer = f"{run}lat-{step // 4:06d}"
+        if step % 4 == 0:
+            return "usage", _grant(customer, f"{run}lat-grant-{step}", 1_000), None
+        reference = f"{run}lat-{step}"
+        return "usage", _usage(customer, reference, 400, n), reference if step % 4 == 3 else None
+    customer = f"cust-{rng.randrange(customers):05d}"
+    if rng.random() < 0.8:
+        return "usage", _usage(customer, f"{run}lat-req-{n}", rng.randint(1, 400), n), None
+    return "charges", _charge(f"flow-{n % FLOWS:02d}", customer, f"{run}lat-job-{n}", rng), None
+
+
 async def fixed_rate(
-    settings: Settings, worker: WorkerRun, rate: float, seconds: float, run: str, already: int
+    settings: Settings,
+    worker: WorkerRun,
+    rate: float,
+    seconds: float,
+    *,
+    run: str,
+    already: int,
+    customers: int,
 ) -> dict[str, float]:
-    """Usage at ``rate`` records/s for ``seconds``; some of it depletes fresh customers.
-    Returns p50/p99 end-to-end latency and the p99 alert latency, in milliseconds."""
+    """The mixed load at ``rate`` records/s for ``seconds``, with depletions threaded
+    through. Returns p50/p99 end-to-end latency and the p99 alert latency, in ms."""
     before = (await worker.metrics())["lag_buckets"]
     producer = make_producer(settings, client_id="chargeline-bench-rate")
     await producer.start()
+    topics = {"usage": settings.topic_usage, "charges": settings.topic_charges}
+    rng = random.Random(7)  # noqa: S311 -- benchmark data, not secrets
     pending: list[tuple[str | None, Any]] = []  # (depleting reference or None, ack future)
     count = 0
     try:
-        # Customers of this phase hold 1,000 tokens; their 3rd usage of 400 depletes them.
         started = time.monotonic()
         n = 0
         while (elapsed := time.monotonic() - started) < seconds:
             due = int(elapsed * rate)
             while n < due and time.monotonic() - started < seconds:
-                customer = f"{run}lat-{n // 4:06d}"
-                if n % 4 == 0:
-                    key, value = _grant(customer, f"{run}lat-grant-{n}", 1_000)
-                else:
-                    key, value = _usage(customer, f"{run}lat-{n}", 400, n)
-                future = await producer.send(settings.topic_usage, value=value, key=key)
-                pending.append((f"{run}lat-{n}" if n % 4 == 3 else None, future))
+                kind, (key, value), depleting = fixed_rate_record(n, customers, run, rng)
+                future = await producer.send(topics[kind], value=value, key=key)
+                pending.append((depleting, future))
                 n += 1
                 count += 1
             await asyncio.sleep(0.002)
@@ -591,7 +626,13 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
                 results.update(
                     await asyncio.wait_for(
                         fixed_rate(
-                            settings, worker, results["throughput_eps"] / 2, 20.0, run, load.total
+                            settings,
+                            worker,
+                            results["throughput_eps"] / 2,
+                            20.0,
+                            run=f"{run}-",
+                            already=load.total,
+                            customers=customer_count(events),
                         ),
                         timeout=PHASE_LIMIT_S,
                     )
