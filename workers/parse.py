@@ -28,14 +28,9 @@ class Parsed:
     payload: bytes  # canonical JSON of the event as sent, stored with the event
     fingerprint: bytes  # sha256 of payload: equal fingerprints, same payload
     occurred_at: datetime
-
-    @property
-    def dedup_key(self) -> tuple[str, str]:
-        return self.event.dedup_key
-
-    @property
-    def event_type(self) -> str:
-        return self.event.type
+    # The event's, read once here: dedupe and judge look at them several times per event.
+    event_type: str
+    dedup_key: tuple[str, str]
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,5 +112,15 @@ def parse_records(
             if occurred_at is None:
                 occurred_at = append_times[record.timestamp] = record_time(record)
         payload = canonical_json(event)
-        parsed.append(Parsed(record, event, payload, hashlib.sha256(payload).digest(), occurred_at))
+        parsed.append(
+            Parsed(
+                record,
+                event,
+                payload,
+                hashlib.sha256(payload).digest(),
+                occurred_at,
+                event.type,
+                event.dedup_key,
+            )
+        )
     return parsed, rejected
