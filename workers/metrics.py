@@ -6,7 +6,13 @@ can build its own registry and read exact counter values.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -15,6 +21,62 @@ LAG_BUCKETS = (
     0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1,
     1.5, 2, 3, 5, 10, 30, 60, 300, 900, 3600,
 )  # fmt: skip
+
+
+class BatchHistogram(Collector):
+    """A labelled histogram fed a batch of observations at a time.
+
+    ``prometheus_client.Histogram`` takes one observation per call (a lock and a linear walk
+    over the buckets each time): per record of a 5,000-record batch, that was a measurable
+    share of the worker's CPU. Exposed exactly like a ``Histogram`` (``_bucket`` with
+    ``le``, ``_sum``, ``_count``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.bounds = tuple(sorted(buckets))
+        # Per label value: a count per bucket (the last is +Inf), and the sum.
+        self.counts: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+        registry.register(self)
+
+    def observe_many(self, value: str, observations: Iterable[float]) -> None:
+        counts = self.counts.get(value)
+        if counts is None:
+            counts = self.counts[value] = [0] * (len(self.bounds) + 1)
+            self.sums[value] = 0.0
+        bounds, total = self.bounds, 0.0
+        for observation in observations:
+            counts[bisect_left(bounds, observation)] += 1
+            total += observation
+        self.sums[value] += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, counts in self.counts.items():
+            cumulative, running = [], 0
+            for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
+                running += count
+                cumulative.append((_format_bound(bound), running))
+            family.add_metric([value], cumulative, self.sums[value])
+        yield family
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+
+
+def _format_bound(bound: float) -> str:
+    # As prometheus_client.Histogram writes its ``le`` labels.
+    return str(floatToGoString(bound))  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -47,12 +109,12 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.event_lag = Histogram(
+        self.event_lag = BatchHistogram(
             "chargeline_event_lag_seconds",
             "Database commit time minus the record's timestamp.",
-            ["topic"],
-            buckets=LAG_BUCKETS,
-            registry=r,
+            "topic",
+            LAG_BUCKETS,
+            r,
         )
         self.consumer_lag = Gauge(
             "chargeline_consumer_lag",

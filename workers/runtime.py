@@ -424,24 +424,27 @@ class ConsumerLoop:
             m.dead_letters.labels(reason=reason).inc(n)
         for alert_type, n in result.alerts.items():
             m.alerts.labels(type=alert_type).inc(n)
-        lag_by_topic: dict[str, Any] = {}
-        for record in records:
-            histogram = lag_by_topic.get(record.topic)
-            if histogram is None:
-                histogram = lag_by_topic[record.topic] = m.event_lag.labels(topic=record.topic)
-            histogram.observe(max(0.0, committed_at - record.timestamp / 1000))
-        ranges: dict[str, list[int]] = {}
-        for record in records:
-            span = ranges.setdefault(
-                f"{record.topic}[{record.partition}]", [record.offset, record.offset]
+        committed_ms = committed_at * 1000
+        for topic in {record.topic for record in records}:
+            m.event_lag.observe_many(
+                topic,
+                [max(0.0, committed_ms - r.timestamp) / 1000 for r in records if r.topic == topic],
             )
-            span[0] = min(span[0], record.offset)
-            span[1] = max(span[1], record.offset)
+        spans: dict[tuple[str, int], list[int]] = {}
+        for record in records:
+            span = spans.get((record.topic, record.partition))
+            if span is None:
+                spans[(record.topic, record.partition)] = [record.offset, record.offset]
+            elif record.offset > span[1]:
+                span[1] = record.offset
         log.info(
             "batch_flushed",
             worker=self.name,
             records=len(records),
-            offsets={position: f"{lo}-{hi}" for position, (lo, hi) in ranges.items()},
+            offsets={
+                f"{topic}[{partition}]": f"{lo}-{hi}"
+                for (topic, partition), (lo, hi) in spans.items()
+            },
             outcomes=dict(result.outcome_totals()),
             dead_letters=dict(result.dead_letters),
             alerts=dict(result.alerts),
