@@ -175,16 +175,20 @@ class Workers:
         worker.signal(signal.SIGKILL)
         worker.proc.wait(timeout=10)
 
-    def stop_all(self) -> None:
+    def stop_all(self, *, within: float = 20) -> None:
+        """SIGTERM every running worker at once; SIGKILL those still running ``within``
+        seconds later (the test's checks are done: this is cleanup), and say so."""
         for worker in self.running:
             worker.signal(signal.SIGCONT)
             worker.signal(signal.SIGTERM)
+        deadline = time.monotonic() + within
         for worker in self.workers:
             try:
-                worker.proc.wait(timeout=40)
+                worker.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 worker.proc.kill()
                 worker.proc.wait()
+                print(f"teardown: {worker.name} still running {within:.0f}s after SIGTERM, killed")
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from workers.settings import Settings
 
 MIB = 1 << 20
 OUTAGE_S = 15
+KILLING_S = 8
 KINDS = ("charges", "usage", "outbox")
 
 # The workers' sessions (the tests' own connections set no application_name), those in a
@@ -42,13 +43,13 @@ async def test_backends_terminated_mid_transaction_lose_nothing(
     settings = fault_settings(settings, batch_max_records=200)
     await setup_pipeline(settings, partitions=3, flows=[("flow_a", "active")])
     rng = random.Random(4)
-    load = mixed_load(rng, 4_000)
+    load = mixed_load(rng, 3_000)
     killed: Counter[str] = Counter()
     with workers(settings, tmp_path) as group:
         first, second = group.spawn(*KINDS), group.spawn(*KINDS)
         async with Producer(settings) as producer:
             publishing = asyncio.create_task(
-                publish_paced(producer, settings, load.sent, seconds=12, slices=60)
+                publish_paced(producer, settings, load.sent, seconds=KILLING_S, slices=40)
             )
             admin = await asyncpg.connect(settings.dsn)  # no application_name: not a target
             try:
@@ -76,7 +77,7 @@ async def test_backends_terminated_mid_transaction_lose_nothing(
     in_transaction = killed["active"] + killed["idle in transaction"]
     assert in_transaction > 0, f"no backend was caught in a transaction: {dict(killed)}"
     print(
-        f"injected {sum(killed.values())} pg_terminate_backend over 12 s ({dict(killed)}; "
+        f"injected {sum(killed.values())} pg_terminate_backend over {KILLING_S} s ({dict(killed)}; "
         f"{in_transaction} mid-transaction) into 2 workers; they retried {dict(retries)}; "
         f"applied {waited:.1f}s after the last kill; checked {summary}; outbox drained"
     )
