@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-faults-extended test-fast lint format schemas bench clean
+.PHONY: help install run test test-faults test-fast lint format schemas bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,8 +25,8 @@ run: $(STAMP) ## the demo: embedded Postgres, broker and Stripe stand-in, worker
 test: $(STAMP) ## the whole suite: unit, integration (real servers) and fault tests
 	$(BIN)/python -m pytest
 
-test-faults-extended: $(STAMP) ## the fault tests that do not fit CI's time budget (~15 min)
-	$(BIN)/python -m pytest -m extended_faults tests/faults
+test-faults: $(STAMP) ## the fault-injection tests alone (also part of test)
+	$(BIN)/python -m pytest -m faults tests/faults
 
 test-fast: $(STAMP) ## unit tests only (no servers)
 	$(BIN)/python -m pytest tests/unit

@@ -31,26 +31,9 @@ _TESTS_DIR = Path(__file__).parent
 _MARKED_DIRS = {"integration": pytest.mark.integration, "faults": pytest.mark.faults}
 
 
-# Fault tests written last: they pass on their own but together take longer than the CI
-# budget allows, so `make test` leaves them out and `make test-faults-extended` runs them.
-EXTENDED_FAULTS = frozenset(
-    {
-        "test_broker_pause.py",
-        "test_outbox_relay_kill.py",
-        "test_poison.py",
-        "test_postgres_outage.py",
-        "test_rebalance_storm.py",
-        "test_republish_reset.py",
-        "test_stale_worker.py",
-    }
-)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark tests by directory, so ``-m "not faults"`` works without per-file markers."""
     for item in items:
-        if item.path.name in EXTENDED_FAULTS:
-            item.add_marker(pytest.mark.extended_faults)
         with contextlib.suppress(ValueError):  # items outside tests/ (none today)
             top = item.path.relative_to(_TESTS_DIR).parts[0]
             if top in _MARKED_DIRS:
