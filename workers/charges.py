@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from schemas.events import ChargeEvent
-from workers.db import QUERIES
+from workers.db import QUERIES, as_columns
 from workers.dedupe import Verdict, resolve_races, verdicts_from_rows
 from workers.parse import Parsed
 
@@ -29,26 +29,26 @@ class ChargesHandler:
     async def apply(self, conn: Any, events: list[Parsed], alerts: Counter[str]) -> list[Verdict]:
         if not events:
             return []
-        columns: list[list[Any]] = [[] for _ in range(11)]
+        inputs = []
         for parsed in events:
             charge = parsed.event
             assert isinstance(charge, ChargeEvent)
-            row = (
-                charge.flow_id,
-                charge.reference,
-                charge.customer_ref,
-                charge.amount,
-                charge.currency,
-                None if charge.metadata is None else orjson.dumps(charge.metadata).decode(),
-                parsed.occurred_at,
-                parsed.fingerprint,
-                parsed.payload.decode(),
-                parsed.record.partition,
-                parsed.record.offset,
+            inputs.append(
+                (
+                    charge.flow_id,
+                    charge.reference,
+                    charge.customer_ref,
+                    charge.amount,
+                    charge.currency,
+                    None if charge.metadata is None else orjson.dumps(charge.metadata).decode(),
+                    parsed.occurred_at,
+                    parsed.fingerprint,
+                    parsed.payload.decode(),
+                    parsed.record.partition,
+                    parsed.record.offset,
+                )
             )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-        rows = await conn.fetch(QUERIES["record_charges"], *columns, self.topic)
+        rows = await conn.fetch(QUERIES["record_charges"], *as_columns(inputs, 11), self.topic)
         verdicts, raced = verdicts_from_rows(rows, events)
         # Neither recorded nor stored before: the flow refused it, or another transaction
         # committed the same key while this statement ran.

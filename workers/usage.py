@@ -19,7 +19,7 @@ import orjson
 
 from schemas.events import CreditGrantEvent, CreditVoidEvent, UsageEvent
 from schemas.outputs import AlertCause, AlertEvent
-from workers.db import QUERIES
+from workers.db import QUERIES, as_columns
 from workers.dedupe import Verdict, resolve_races, verdicts_from_rows
 from workers.ledger import Alert, Customer, Grant, Ledger
 from workers.parse import Parsed
@@ -87,72 +87,74 @@ class UsageHandler:
     async def _record_usage(
         self, conn: Any, events: list[Parsed]
     ) -> tuple[list[Verdict | None], list[int | None]]:
-        columns: list[list[Any]] = [[] for _ in range(9)]
+        rows = []
         for parsed in events:
             usage = parsed.event
             assert isinstance(usage, UsageEvent)
-            row = (
-                usage.customer_ref,
-                usage.reference,
-                usage.tokens,
-                usage.feature,
-                None if usage.metadata is None else orjson.dumps(usage.metadata).decode(),
-                parsed.occurred_at,
-                parsed.fingerprint,
-                parsed.record.partition,
-                parsed.record.offset,
+            rows.append(
+                (
+                    usage.customer_ref,
+                    usage.reference,
+                    usage.tokens,
+                    usage.feature,
+                    None if usage.metadata is None else orjson.dumps(usage.metadata).decode(),
+                    parsed.occurred_at,
+                    parsed.fingerprint,
+                    parsed.record.partition,
+                    parsed.record.offset,
+                )
             )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-        return await self._record(conn, "record_usage", "stored_usage", events, columns)
+        return await self._record(conn, "record_usage", "stored_usage", events, as_columns(rows, 9))
 
     async def _record_grants(
         self, conn: Any, events: list[Parsed]
     ) -> tuple[list[Verdict | None], list[int | None]]:
-        columns: list[list[Any]] = [[] for _ in range(14)]
+        rows = []
         for parsed in events:
             grant = parsed.event
             assert isinstance(grant, CreditGrantEvent)
-            row = (
-                grant.customer_ref,
-                grant.reference,
-                grant.tokens,
-                grant.cost_basis,
-                grant.currency,
-                grant.effective_at or parsed.occurred_at,
-                grant.expires_at,
-                grant.priority,
-                grant.source,
-                grant.description,
-                parsed.fingerprint,
-                parsed.payload.decode(),
-                parsed.record.partition,
-                parsed.record.offset,
+            rows.append(
+                (
+                    grant.customer_ref,
+                    grant.reference,
+                    grant.tokens,
+                    grant.cost_basis,
+                    grant.currency,
+                    grant.effective_at or parsed.occurred_at,
+                    grant.expires_at,
+                    grant.priority,
+                    grant.source,
+                    grant.description,
+                    parsed.fingerprint,
+                    parsed.payload.decode(),
+                    parsed.record.partition,
+                    parsed.record.offset,
+                )
             )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-        return await self._record(conn, "record_grants", "stored_grants", events, columns)
+        return await self._record(
+            conn, "record_grants", "stored_grants", events, as_columns(rows, 14)
+        )
 
     async def _record_voids(
         self, conn: Any, events: list[Parsed]
     ) -> tuple[list[Verdict | None], list[int | None]]:
-        columns: list[list[Any]] = [[] for _ in range(8)]
+        rows = []
         for parsed in events:
             void = parsed.event
             assert isinstance(void, CreditVoidEvent)
-            row = (
-                void.customer_ref,
-                void.reference,
-                void.grant_reference,
-                void.reason,
-                parsed.fingerprint,
-                parsed.payload.decode(),
-                parsed.record.partition,
-                parsed.record.offset,
+            rows.append(
+                (
+                    void.customer_ref,
+                    void.reference,
+                    void.grant_reference,
+                    void.reason,
+                    parsed.fingerprint,
+                    parsed.payload.decode(),
+                    parsed.record.partition,
+                    parsed.record.offset,
+                )
             )
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-        return await self._record(conn, "record_voids", "stored_voids", events, columns)
+        return await self._record(conn, "record_voids", "stored_voids", events, as_columns(rows, 8))
 
     # --- 2-4. the ledger ------------------------------------------------------------------------
 
