@@ -195,7 +195,7 @@ async def alerts_on_topic(settings: Settings, *, expected: int, timeout: float =
 
 
 async def ingest_done(process: WorkerProcess, records: int) -> bool:
-    return bool(process.loops and process.loops[0].totals.records >= records)
+    return process.ingest is not None and process.ingest.totals.records >= records
 
 
 async def outbox_empty(settings: Settings) -> bool:

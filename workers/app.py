@@ -14,6 +14,7 @@ from workers.charges import ChargesHandler
 from workers.expiry import ExpiryWorker
 from workers.http import start_http
 from workers.kafka import make_consumer, make_producer
+from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.outbox import OutboxRelay
@@ -55,7 +56,7 @@ class WorkerProcess:
     settings: Settings
     kinds: tuple[str, ...]
     metrics: Metrics = field(default_factory=Metrics)
-    loops: list[Any] = field(default_factory=list)
+    loops: list[WorkerLoop] = field(default_factory=list)
     stop_requested: bool = False
 
     def stop(self) -> None:
@@ -63,6 +64,11 @@ class WorkerProcess:
         self.stop_requested = True
         for loop in self.loops:
             loop.stop()
+
+    @property
+    def ingest(self) -> ConsumerLoop | None:
+        """The loop consuming the input topics, once started (None without one)."""
+        return next((loop for loop in self.loops if isinstance(loop, ConsumerLoop)), None)
 
     def is_ready(self) -> bool:
         return bool(self.loops) and all(loop.ready for loop in self.loops)

@@ -153,8 +153,8 @@ def add_ledger_demo(load: DemoLoad, run: str, now: datetime) -> None:
 def topic_totals(process: WorkerProcess, topic: str) -> Counter[str]:
     """Outcomes of one topic's events in this process."""
     totals: Counter[str] = Counter()
-    if process.loops:
-        for (event_topic, _type, outcome), n in process.loops[0].totals.counts.items():
+    if process.ingest is not None:
+        for (event_topic, _type, outcome), n in process.ingest.totals.counts.items():
             if event_topic == topic:
                 totals[outcome] += n
     return totals
@@ -206,7 +206,7 @@ async def _wait_until_processed(
     conn = await asyncpg.connect(settings.dsn)
     try:
         while time.monotonic() < deadline:
-            ingest = process.loops[0] if process.loops else None
+            ingest = process.ingest
             if (
                 ingest
                 and ingest.totals.records >= expected

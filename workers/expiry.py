@@ -9,57 +9,36 @@ rows are locked in sorted order).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any
 
 from workers import db
+from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
-from workers.retry import Stopping, retry_transient
+from workers.retry import Stopping
 from workers.settings import Settings
 from workers.usage import load_ledger, write_ledger
 
 log = get_logger("chargeline.expiry")
 
 
-class ExpiryWorker:
+class ExpiryWorker(WorkerLoop):
     name = "expiry"
 
     def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
-        self.settings = settings
+        super().__init__(settings, metrics)
         self.pool = pool
-        self.metrics = metrics
-        self.stopping = asyncio.Event()
-        self.started = asyncio.Event()
         self.expired_entries = 0
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    @property
-    def ready(self) -> bool:
-        return self.started.is_set() and not self.stopping.is_set()
 
     async def run(self) -> None:
         self.started.set()
         while not self.stopping.is_set():
             try:
-                done = await retry_transient(
-                    self.run_once,
-                    is_transient=db.is_transient,
-                    component="postgres",
-                    settings=self.settings,
-                    metrics=self.metrics,
-                    stopping=self.stopping,
-                )
+                done = await self.retry(self.run_once)
             except Stopping:
                 break
             if done < self.settings.expiry_batch_size:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self.stopping.wait(), timeout=self.settings.expiry_interval_s
-                    )
+                await self.pause(self.settings.expiry_interval_s)
 
     async def run_once(self) -> int:
         """Bring due customers up to date, one transaction; return how many."""

@@ -17,9 +17,10 @@ from typing import Any
 
 from workers import db
 from workers.deadletters import decode_headers
+from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
-from workers.retry import Stopping, retry_transient
+from workers.retry import Stopping
 from workers.runtime import kafka_is_transient
 from workers.settings import Settings
 
@@ -31,47 +32,25 @@ def _transient(exc: BaseException) -> bool:
     return db.is_transient(exc) or kafka_is_transient(exc)
 
 
-class OutboxRelay:
+class OutboxRelay(WorkerLoop):
     """Publishes outbox rows; never on the ingest path (its own connection and task)."""
 
     name = "outbox"
 
     def __init__(self, settings: Settings, pool: Any, producer: Any, metrics: Metrics) -> None:
-        self.settings = settings
+        super().__init__(settings, metrics)
         self.pool = pool
         self.producer = producer
-        self.metrics = metrics
-        self.stopping = asyncio.Event()
-        self.started = asyncio.Event()
         self.published = 0
 
-    def stop(self) -> None:
-        self.stopping.set()
-
-    @property
-    def ready(self) -> bool:
-        return self.started.is_set() and not self.stopping.is_set()
-
     async def run(self) -> None:
-        await retry_transient(
-            self.producer.start,
-            is_transient=kafka_is_transient,
-            component="kafka",
-            settings=self.settings,
-            metrics=self.metrics,
-            stopping=self.stopping,
-        )
+        await self.retry(self.producer.start, is_transient=kafka_is_transient, component="kafka")
         self.started.set()
         try:
             while not self.stopping.is_set():
                 try:
-                    await retry_transient(
-                        self._lead_and_publish,
-                        is_transient=_transient,
-                        component="outbox",
-                        settings=self.settings,
-                        metrics=self.metrics,
-                        stopping=self.stopping,
+                    await self.retry(
+                        self._lead_and_publish, is_transient=_transient, component="outbox"
                     )
                 except Stopping:
                     break
@@ -83,14 +62,14 @@ class OutboxRelay:
         """Hold the leader lock on one connection and publish until stopped."""
         async with self.pool.acquire() as conn:
             while not await conn.fetchval(db.QUERIES["outbox_try_lead"], _LEADER_LOCK_ID):
-                if await self._sleep(1.0):
+                if await self.pause(1.0):
                     return
             log.info("outbox_relay_leading")
             try:
                 while not self.stopping.is_set():
                     published = await self.publish_once(conn)
                     await self._refresh_stats(conn)
-                    if published < self.settings.outbox_batch_size and await self._sleep(
+                    if published < self.settings.outbox_batch_size and await self.pause(
                         self.settings.outbox_poll_ms / 1000
                     ):
                         return
@@ -131,11 +110,3 @@ class OutboxRelay:
         stats = await conn.fetchrow(db.QUERIES["outbox_stats"])
         self.metrics.outbox_depth.set(stats["depth"])
         self.metrics.outbox_oldest_age.set(stats["oldest_age_s"])
-
-    async def _sleep(self, seconds: float) -> bool:
-        """Sleep unless stopping; True when stopping."""
-        try:
-            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
-        except TimeoutError:
-            return False
-        return True

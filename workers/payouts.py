@@ -23,10 +23,7 @@ by the local stand-in).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -37,9 +34,10 @@ from stripe.params import PayoutCreateParams, PayoutListParams
 from schemas.outputs import PayoutEvent
 from workers import db
 from workers.errors import ChargelineError, UsageError
+from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
-from workers.retry import Stopping, retry_transient
+from workers.retry import Stopping
 from workers.settings import Settings
 from workers.stripe_gateway import StripeGateway
 from workers.stripe_gateway import is_transient as stripe_gateway_transient
@@ -353,26 +351,16 @@ class StripePayouts:
 # --- the worker ---
 
 
-class PayoutWorker:
+class PayoutWorker(WorkerLoop):
     """Closes due periods into payouts, sends Stripe payouts, keeps the backlog gauges."""
 
     name = "payouts"
 
     def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
-        self.settings = settings
+        super().__init__(settings, metrics)
         self.pool = pool
-        self.metrics = metrics
         self.stripe = StripePayouts(settings, metrics)
-        self.stopping = asyncio.Event()
-        self.started = asyncio.Event()
         self.cuts = 0
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    @property
-    def ready(self) -> bool:
-        return self.started.is_set() and not self.stopping.is_set()
 
     async def run(self) -> None:
         self.started.set()
@@ -382,19 +370,16 @@ class PayoutWorker:
                     await self.run_once()
                 except Stopping:
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self.stopping.wait(), timeout=self.settings.payout_interval_s
-                    )
+                await self.pause(self.settings.payout_interval_s)
         finally:
             await self.stripe.close()
             log.info("payouts_worker_stopped", cuts=self.cuts)
 
     async def run_once(self) -> list[Cut]:
         """One tick: close due periods, send pending Stripe payouts, refresh the gauges."""
-        cuts = await self._retry(self.cut_due, db.is_transient, "postgres")
+        cuts = await self.retry(self.cut_due)
         await self.send()
-        await self._retry(self.refresh_gauges, db.is_transient, "postgres")
+        await self.retry(self.refresh_gauges)
         return cuts
 
     async def cut_due(self) -> list[Cut]:
@@ -432,13 +417,10 @@ class PayoutWorker:
         """Send pending Stripe payouts. A failure that outlasts the retries, or one that is not
         the payout's fault (a wrong API key), leaves them pending until the next tick."""
         try:
-            outcomes = await retry_transient(
+            outcomes = await self.retry(
                 lambda: self.stripe.send_pending(self.pool),
                 is_transient=stripe_is_transient,
                 component="stripe",
-                settings=self.settings,
-                metrics=self.metrics,
-                stopping=self.stopping,
                 max_attempts=_STRIPE_SEND_ATTEMPTS,
             )
         except Stopping:
@@ -459,18 +441,3 @@ class PayoutWorker:
             row = await conn.fetchrow(db.QUERIES["payout_backlog"])
         self.metrics.charges_awaiting_payout.set(row["awaiting"])
         self.metrics.oldest_unpaid_charge_age.set(row["oldest_age_s"])
-
-    async def _retry(
-        self,
-        operation: Callable[[], Awaitable[T]],
-        is_transient: Callable[[BaseException], bool],
-        component: str,
-    ) -> T:
-        return await retry_transient(
-            operation,
-            is_transient=is_transient,
-            component=component,
-            settings=self.settings,
-            metrics=self.metrics,
-            stopping=self.stopping,
-        )

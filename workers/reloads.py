@@ -21,7 +21,6 @@ without a second charge.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from schemas.currency import minor_unit_exponent
 from schemas.events import CreditGrantEvent, canonical_json
 from workers import db, stripe_gateway
 from workers.ledger import ALERT_NAMESPACE, Alert, AlertKind, Grant
+from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.retry import Stopping, retry_transient
@@ -292,23 +292,14 @@ def _intent_id_of(exc: stripe.CardError) -> str | None:
     return None if intent_id is None else str(intent_id)
 
 
-class ReloadWorker:
+class ReloadWorker(WorkerLoop):
     """Claims open reload requests and processes them, one at a time per worker."""
 
     name = "reloads"
 
     def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
-        self.settings = settings
+        super().__init__(settings, metrics)
         self.processor = ReloadProcessor(settings, pool, metrics)
-        self.stopping = asyncio.Event()
-        self.started = asyncio.Event()
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    @property
-    def ready(self) -> bool:
-        return self.started.is_set() and not self.stopping.is_set()
 
     async def run(self) -> None:
         self.started.set()
@@ -320,20 +311,10 @@ class ReloadWorker:
     async def _loop(self) -> None:
         while not self.stopping.is_set():
             try:
-                requests = await retry_transient(
-                    lambda: self.processor.claim(10),
-                    is_transient=db.is_transient,
-                    component="postgres",
-                    settings=self.settings,
-                    metrics=self.processor.metrics,
-                    stopping=self.stopping,
-                )
+                requests = await self.retry(lambda: self.processor.claim(10))
                 for request in requests:
                     await self.processor.process(request, stopping=self.stopping)
             except Stopping:
                 break
             if not requests:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self.stopping.wait(), timeout=self.settings.reload_interval_s
-                    )
+                await self.pause(self.settings.reload_interval_s)

@@ -33,6 +33,7 @@ from aiokafka.errors import (
 from workers import db
 from workers.deadletters import record_dead_letters
 from workers.dedupe import Verdict, first_occurrences, judge
+from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.parse import Parsed, Record, Rejected, parse_records
@@ -225,7 +226,7 @@ def kafka_is_transient(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
-class ConsumerLoop:
+class ConsumerLoop(WorkerLoop):
     """Consume, process, commit, until asked to stop; then drain and leave the group."""
 
     def __init__(
@@ -238,14 +239,11 @@ class ConsumerLoop:
         *,
         name: str,
     ) -> None:
-        self.settings = settings
+        super().__init__(settings, metrics)
         self.pool = pool
         self.processor = processor
-        self.metrics = metrics
         self.consumer = consumer
         self.name = name
-        self.stopping = asyncio.Event()
-        self.started = asyncio.Event()
         # Held from a batch's fetch until it is handed to ``in_flight``; a rebalance takes it
         # and then waits for ``in_flight``, so every fetched batch is applied and its offsets
         # committed before the partitions move.
@@ -255,13 +253,6 @@ class ConsumerLoop:
         self.in_flight: asyncio.Task[None] | None = None
         self.totals = BatchResult()
         self.batches = 0
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    @property
-    def ready(self) -> bool:
-        return self.started.is_set() and not self.stopping.is_set()
 
     def _failpoint(self, point: str) -> None:
         """Fault tests only (``CHARGELINE_FAILPOINT``): die here, as a SIGKILL would."""
@@ -318,14 +309,7 @@ class ConsumerLoop:
         not wait for that (SIGTERM would go unanswered until the orchestrator's SIGKILL).
         """
         starting = asyncio.ensure_future(
-            retry_transient(
-                self.consumer.start,
-                is_transient=kafka_is_transient,
-                component="kafka",
-                settings=self.settings,
-                metrics=self.metrics,
-                stopping=self.stopping,
-            )
+            self.retry(self.consumer.start, is_transient=kafka_is_transient, component="kafka")
         )
         stop_requested = asyncio.ensure_future(self.stopping.wait())
         try:
@@ -393,13 +377,10 @@ class ConsumerLoop:
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
-            await retry_transient(
+            await self.retry(
                 lambda: self.consumer.commit(offsets),
                 is_transient=kafka_is_transient,
                 component="kafka",
-                settings=self.settings,
-                metrics=self.metrics,
-                stopping=self.stopping,
                 max_attempts=20,
             )
         except (KafkaError, Stopping) as exc:

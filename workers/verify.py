@@ -8,16 +8,15 @@ alert on drift.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from workers import db
+from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
-from workers.retry import Stopping, retry_transient
+from workers.retry import Stopping
 from workers.settings import Settings
 
 log = get_logger("chargeline.verify")
@@ -111,37 +110,20 @@ def export(report: Report, metrics: Metrics) -> None:
     metrics.verify_last_run.set(time.time())
 
 
-class VerifyWorker:
+class VerifyWorker(WorkerLoop):
     """Runs ``verify`` every ``verify_interval_s`` and exports the result as metrics."""
 
     name = "verify"
 
     def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
-        self.settings = settings
+        super().__init__(settings, metrics)
         self.pool = pool
-        self.metrics = metrics
-        self.stopping = asyncio.Event()
-        self.started = asyncio.Event()
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    @property
-    def ready(self) -> bool:
-        return self.started.is_set() and not self.stopping.is_set()
 
     async def run(self) -> None:
         self.started.set()
         while not self.stopping.is_set():
             try:
-                report = await retry_transient(
-                    self._once,
-                    is_transient=db.is_transient,
-                    component="postgres",
-                    settings=self.settings,
-                    metrics=self.metrics,
-                    stopping=self.stopping,
-                )
+                report = await self.retry(self._once)
             except Stopping:
                 break
             export(report, self.metrics)
@@ -152,10 +134,7 @@ class VerifyWorker:
                     "verify_failed",
                     violations={v.check: len(v.rows) for v in report.violations},
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.stopping.wait(), timeout=self.settings.verify_interval_s
-                )
+            await self.pause(self.settings.verify_interval_s)
 
     async def _once(self) -> Report:
         async with self.pool.acquire() as conn:

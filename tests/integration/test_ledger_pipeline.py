@@ -133,7 +133,8 @@ async def test_replaying_the_usage_topic_changes_nothing(settings: Settings) -> 
     replay = settings.model_copy(update={"consumer_group": settings.consumer_group + "-replay"})
     async with running_worker(replay, "usage") as process:
         await wait_for(functools.partial(ingest_done, process, len(events)), what="replay")
-        assert process.loops[0].totals.outcome_totals()["duplicate"] == len(events)
+        assert process.ingest is not None
+        assert process.ingest.totals.outcome_totals()["duplicate"] == len(events)
     assert await fetch(settings, "SELECT customer_ref, balance FROM customers ORDER BY 1") == before
     assert await fetchval(settings, "SELECT count(*) FROM ledger_entries") == entries
     assert await fetchval(settings, "SELECT count(*) FROM alerts") == alerts
