@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from workers.parse import Conflict, Parsed, Rejected
 
@@ -27,8 +27,9 @@ class Outcome(StrEnum):
     REJECTED = "rejected"  # a valid event the pipeline refuses (unknown or paused flow)
 
 
-@dataclass(slots=True, frozen=True)
-class Stored:
+# Stored and Verdict are NamedTuples: immutable like frozen dataclasses, but built in C
+# (a frozen dataclass sets each field through object.__setattr__), once per event.
+class Stored(NamedTuple):
     """What Postgres already holds for a dedup key."""
 
     fingerprint: bytes
@@ -38,8 +39,7 @@ class Stored:
         return self.payload if isinstance(self.payload, str) else self.payload.decode()
 
 
-@dataclass(slots=True, frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """A handler's answer for the first occurrence of a key.
 
     ``recorded``: this event was applied now. Otherwise ``stored`` is what Postgres already
