@@ -190,7 +190,7 @@ class WorkerRun:
         self.port = _free_port()
         env = {
             **os.environ,
-            **settings_env(settings.model_copy(update={"metrics_port": self.port})),
+            **settings.model_copy(update={"metrics_port": self.port}).as_env(),
         }
         with log.open("ab") as out:
             self.process = subprocess.Popen(
@@ -219,18 +219,27 @@ class WorkerRun:
         return samples
 
     async def wait_events(self, at_least: float, *, limit_s: float = 900) -> tuple[float, float]:
-        """(time of the first processed batch, time when ``at_least`` events were counted)."""
+        """(when processing started, when ``at_least`` events were counted).
+
+        The start is the last poll that still saw no event: a little early (by at most one
+        poll interval, which only lowers the rate), and never the moment the last one is
+        counted, even when a small load drains between two polls."""
         first = None
+        idle_until = time.monotonic()
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}")
+            polled = time.monotonic()
             events = (await self.metrics()).get("events", 0.0)
             now = time.monotonic()
-            if first is None and events > 0:
-                first = now
+            if first is None:
+                if events > 0:
+                    first = idle_until
+                else:
+                    idle_until = polled
             if events >= at_least:
-                return first or now, now
+                return first if first is not None else idle_until, now
             await asyncio.sleep(0.05)
         raise TimeoutError(f"worker did not reach {at_least} events in {limit_s}s")
 
@@ -251,18 +260,6 @@ class WorkerRun:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        shown = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-        env[f"CHARGELINE_{name.upper()}"] = (
-            str(shown).lower() if isinstance(shown, bool) else str(shown)
-        )
-    return env
 
 
 def _free_port() -> int:
@@ -563,7 +560,12 @@ async def fixed_rate(
 
 
 async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring lists them
-    settings: Settings, *, events: int, json_path: Path | None
+    settings: Settings,
+    *,
+    events: int,
+    json_path: Path | None,
+    fixed_rate_s: float = 20.0,
+    naive_s: float = 10.0,
 ) -> dict[str, Any]:
     from workers.devstack import LocalStack
 
@@ -629,7 +631,7 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
                             settings,
                             worker,
                             results["throughput_eps"] / 2,
-                            20.0,
+                            fixed_rate_s,
                             run=f"{run}-",
                             already=load.total,
                             customers=customer_count(events),
@@ -655,9 +657,11 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
         results["raw_copy_eps"] = await asyncio.wait_for(raw_copy(settings, load), PHASE_LIMIT_S)
         console.print("naive: the same worker, one event per transaction...")
         results["naive_eps"] = await asyncio.wait_for(
-            naive_pipeline(settings, workdir), PHASE_LIMIT_S
+            naive_pipeline(settings, workdir, naive_s), PHASE_LIMIT_S
         )
-        results["naive_sql_eps"] = await asyncio.wait_for(naive_sql(settings), PHASE_LIMIT_S)
+        results["naive_sql_eps"] = await asyncio.wait_for(
+            naive_sql(settings, naive_s), PHASE_LIMIT_S
+        )
 
         console.print("replay (a new group re-reads everything: all duplicates)...")
         replayer = WorkerRun(

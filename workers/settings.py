@@ -156,6 +156,22 @@ class Settings(BaseSettings):
             raise ValueError("retry_max_ms must be >= retry_initial_ms")
         return self
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as CHARGELINE_* variables, secrets in clear: the environment of a
+        child process (a worker the benchmark or a test starts) that must see the same."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                text = value.get_secret_value()
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            env[f"CHARGELINE_{name.upper()}"] = text
+        return env
+
     @property
     def dsn(self) -> str:
         return self.database_url.get_secret_value()

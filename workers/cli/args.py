@@ -43,6 +43,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def identifier(text: str) -> str:
     if not 1 <= len(text) <= 200 or not text.isprintable():
         raise argparse.ArgumentTypeError(f"expected 1-200 printable characters, got {text!r}")

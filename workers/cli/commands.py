@@ -54,7 +54,13 @@ async def worker(settings: Settings, args: argparse.Namespace) -> int:
 async def bench(settings: Settings, args: argparse.Namespace) -> int:
     from workers.bench import run_bench  # the harness is only imported when asked for
 
-    await run_bench(settings, events=args.events, json_path=args.json)
+    await run_bench(
+        settings,
+        events=args.events,
+        json_path=args.json,
+        fixed_rate_s=args.fixed_rate_seconds,
+        naive_s=args.naive_seconds,
+    )
     return 0
 
 

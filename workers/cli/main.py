@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from workers.cli import commands, customers, ledger, payouts, replay
-from workers.cli.args import Parser, identifier, positive_int, timestamp
+from workers.cli.args import Parser, identifier, positive_float, positive_int, timestamp
 from workers.errors import ChargelineError, UsageError
 from workers.logs import configure_logging
 from workers.settings import Settings, mask_url
@@ -123,6 +123,14 @@ def build_parser() -> Parser:  # noqa: PLR0915 -- a parser is a long flat list
     bench = nouns.add_parser("bench", help="measure throughput, limits and latency here")
     bench.add_argument("--events", type=positive_int, default=1_000_000)
     bench.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    bench.add_argument(
+        "--fixed-rate-seconds", type=positive_float, default=20.0, metavar="S",
+        help="length of the fixed-rate (latency) phase",
+    )  # fmt: skip
+    bench.add_argument(
+        "--naive-seconds", type=positive_float, default=10.0, metavar="S",
+        help="length of each naive-baseline phase",
+    )  # fmt: skip
     bench.set_defaults(run=commands.bench)
 
     for module in COMMAND_MODULES:

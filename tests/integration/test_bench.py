@@ -1,0 +1,45 @@
+"""`chargeline bench` runs every phase end to end (a small load, short phases) and writes
+every figure the performance issue names. It measures nothing here: speed is the bench's
+business, not the tests' (these machines are shared and noisy)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from workers.settings import Settings
+
+KEYS = (
+    "events", "throughput_eps", "raw_consume_eps", "raw_copy_eps", "naive_eps",
+    "latency_p50_ms", "latency_p99_ms", "alert_latency_p99_ms", "replay_eps",
+    "worker_peak_rss_mib", "cpu_s_per_1k_events",
+)  # fmt: skip
+
+
+def test_bench_runs_every_phase_and_writes_the_figures(settings: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "workers.cli.main", "bench", "--events", "3000",
+            "--json", str(out), "--fixed-rate-seconds", "3", "--naive-seconds", "2",
+        ],
+        env={**os.environ, **settings.as_env()},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = orjson.loads(out.read_bytes())
+    assert figures["events"] == 3000
+    for key in KEYS:
+        assert isinstance(figures[key], int | float) and math.isfinite(figures[key]), key
+        assert figures[key] > 0, key
+    # The depletions threaded through the fixed-rate load raised alerts that were measured.
+    assert figures["alerts_measured"] >= 1
+    assert "throughput / naive" in done.stdout
