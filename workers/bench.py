@@ -435,6 +435,24 @@ async def naive_sql(settings: Settings, budget_s: float = 10.0) -> float:
         await conn.close()
 
 
+def server_cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by the local Postgres and broker processes (all of them)."""
+    totals = {"postgres": 0.0, "broker": 0.0}
+    for process in psutil.process_iter(["name", "cpu_times"]):
+        name = process.info["name"] or ""
+        server = (
+            "postgres"
+            if name.startswith("postgres")
+            else "broker"
+            if name.startswith("tansu")
+            else None
+        )
+        times = process.info["cpu_times"]
+        if server is not None and times is not None:
+            totals[server] += times.user + times.system
+    return totals
+
+
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float:
     """Prometheus's histogram_quantile over cumulative buckets: linear within a bucket."""
     bounds = sorted(buckets)
@@ -616,12 +634,16 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
         console.print("draining with one worker process...")
         worker = WorkerRun(settings, workdir / "worker.log")
         try:
-            cpu_before = worker.cpu_seconds()
+            cpu_before, servers_before = worker.cpu_seconds(), server_cpu_seconds()
             first, last = await worker.wait_events(load.total)
             cpu = worker.cpu_seconds() - cpu_before
             results["throughput_eps"] = load.total / (last - first)
             results["drain_s"] = last - first
             results["cpu_s_per_1k_events"] = cpu / load.total * 1000
+            if own_stack:  # the servers' processes are ours to measure only then
+                for server, seconds in server_cpu_seconds().items():
+                    spent = seconds - servers_before.get(server, 0.0)
+                    results[f"{server}_cpu_s_per_1k_events"] = spent / load.total * 1000
             results["worker_peak_rss_mib"] = worker.peak_rss_mib()
             console.print("fixed-rate load at half capacity...")
             try:
@@ -709,8 +731,16 @@ def show(results: dict[str, Any]) -> None:
         ("alert latency p99 (ms)", results["alert_latency_p99_ms"], "< 1,000"),
         ("replay, all duplicates (events/s)", results["replay_eps"], ">= 60,000"),
         ("worker peak RSS (MiB)", results["worker_peak_rss_mib"], "< 256"),
-        ("CPU s per 1,000 events", results["cpu_s_per_1k_events"], ""),
+        ("CPU s per 1,000 events", results["cpu_s_per_1k_events"], "the worker"),
+        *(
+            (f"  {server} CPU s per 1,000 events", results[key], "during the drain")
+            for server in ("postgres", "broker")
+            if (key := f"{server}_cpu_s_per_1k_events") in results
+        ),
     ]
     for name, value, note in rows:
-        table.add_row(name, f"{value:,.2f}" if value < 100 else f"{value:,.0f}", note)
+        shown = (
+            f"{value:,.0f}" if value >= 100 else f"{value:.2f}" if value >= 1 else f"{value:.4f}"
+        )
+        table.add_row(name, shown, note)
     Console().print(table)
