@@ -58,10 +58,12 @@ class WorkerProcess:
     metrics: Metrics = field(default_factory=Metrics)
     loops: list[WorkerLoop] = field(default_factory=list)
     stop_requested: bool = False
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     def stop(self) -> None:
         """Drain and stop; also valid before the loops exist (they then stop at once)."""
         self.stop_requested = True
+        self.stopped.set()
         for loop in self.loops:
             loop.stop()
 
@@ -138,16 +140,23 @@ class WorkerProcess:
         if self.stop_requested:
             self.stop()
         tasks = [asyncio.create_task(loop.run(), name=loop.name) for loop in self.loops]
+        stop_requested = asyncio.create_task(self.stopped.wait())
         try:
-            # A loop that dies takes the process down: a half-running worker is worse than a
-            # restarted one, and the orchestrator restarts it.
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                if task.exception() is not None:
-                    self.stop()
+            # Until a stop is requested or a loop dies: a loop that dies takes the process
+            # down (a half-running worker is worse than a restarted one, and the orchestrator
+            # restarts it).
+            running: set[asyncio.Task[Any]] = set(tasks)
+            while running and not self.stopped.is_set():
+                done, running = await asyncio.wait(
+                    running | {stop_requested}, return_when=asyncio.FIRST_COMPLETED
+                )
+                running.discard(stop_requested)
+                if any(t in tasks and not t.cancelled() and t.exception() for t in done):
                     break
         finally:
+            stop_requested.cancel()
             self.stop()
+            # The deadline runs from the stop request, whatever the loops are waiting for.
             try:
                 await asyncio.wait_for(
                     asyncio.gather(*tasks, return_exceptions=True),

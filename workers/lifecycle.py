@@ -41,6 +41,25 @@ class WorkerLoop:
     def ready(self) -> bool:
         return self.started.is_set() and not self.stopping.is_set()
 
+    async def unless_stopped(self, operation: Awaitable[T]) -> T | None:
+        """``operation``'s result, or None when a stop is requested first (``operation`` is
+        then cancelled). For waits with no deadline of their own, such as a group join."""
+        task = asyncio.ensure_future(operation)
+        stop_requested = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({task, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            stop_requested.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+        return task.result()
+
     async def pause(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when a stop was requested (at once if it was)."""
         with contextlib.suppress(TimeoutError):

@@ -273,10 +273,16 @@ class ConsumerLoop(WorkerLoop):
             self.metrics.ready.labels(worker=self.name).set(1)
             log.info("worker_started", worker=self.name, topics=self.processor.topics)
             while not self.stopping.is_set():
-                batches = await self.consumer.getmany(
-                    timeout_ms=self.settings.batch_max_wait_ms,
-                    max_records=self.settings.batch_max_records,
+                # During a rebalance getmany waits for the new assignment with no deadline:
+                # a stop request must not wait for it.
+                batches = await self.unless_stopped(
+                    self.consumer.getmany(
+                        timeout_ms=self.settings.batch_max_wait_ms,
+                        max_records=self.settings.batch_max_records,
+                    )
                 )
+                if batches is None:
+                    break
                 records = [record for tp_records in batches.values() for record in tp_records]
                 if records:
                     async with self.batch_lock:
@@ -308,21 +314,14 @@ class ConsumerLoop(WorkerLoop):
         normally, indefinitely when the coordinator never completes it. A stop request must
         not wait for that (SIGTERM would go unanswered until the orchestrator's SIGKILL).
         """
-        starting = asyncio.ensure_future(
-            self.retry(self.consumer.start, is_transient=kafka_is_transient, component="kafka")
-        )
-        stop_requested = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop_requested.cancel()
-        if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
+        started = await self.unless_stopped(self._start_consumer())
+        if started is None:
             log.info("worker_stopped_before_joining", worker=self.name)
             return False
-        await starting  # its error, if it failed
+        return True
+
+    async def _start_consumer(self) -> bool:
+        await self.retry(self.consumer.start, is_transient=kafka_is_transient, component="kafka")
         return True
 
     async def _submit(self, records: list[Record]) -> None:
