@@ -231,15 +231,4 @@ def settings(stack: Stack, database_url: str, topics: Topics) -> Settings:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """``settings`` as CHARGELINE_* variables (secrets in clear) for a worker subprocess."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if isinstance(value, SecretStr):
-            text = value.get_secret_value()
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        else:
-            text = str(value)
-        env[f"CHARGELINE_{name.upper()}"] = text
-    return env
+    return settings.as_env()
