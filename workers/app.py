@@ -57,12 +57,10 @@ class WorkerProcess:
     kinds: tuple[str, ...]
     metrics: Metrics = field(default_factory=Metrics)
     loops: list[WorkerLoop] = field(default_factory=list)
-    stop_requested: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     def stop(self) -> None:
         """Drain and stop; also valid before the loops exist (they then stop at once)."""
-        self.stop_requested = True
         self.stopped.set()
         for loop in self.loops:
             loop.stop()
@@ -137,7 +135,7 @@ class WorkerProcess:
         self.stop()
 
     async def _run_loops(self) -> None:
-        if self.stop_requested:
+        if self.stopped.is_set():
             self.stop()
         tasks = [asyncio.create_task(loop.run(), name=loop.name) for loop in self.loops]
         stop_requested = asyncio.create_task(self.stopped.wait())
