@@ -82,11 +82,14 @@ class WorkerProcess:
             if "all" in self.kinds
             else set(self.kinds)
         )
-        # A connection for each loop (the relay keeps one for its leader lock) and a spare,
-        # so a periodic worker never makes the ingest loop wait for a connection.
-        pool = await db.create_pool(settings.dsn, min_size=1, max_size=len(kinds) + 1)
+        # A connection for each lane of each ingest topic, one for each other loop (the relay
+        # keeps one for its leader lock) and a spare, so a periodic worker never makes the
+        # ingest loop wait for a connection.
+        ingest = kinds & set(INGEST_KINDS)
+        connections = len(ingest) * settings.batch_lanes + len(kinds - ingest) + 1
+        pool = await db.create_pool(settings.dsn, min_size=1, max_size=connections)
         try:
-            handlers = build_handlers(settings, sorted(kinds & set(INGEST_KINDS)))
+            handlers = build_handlers(settings, sorted(ingest))
             if handlers:
                 tune_gc_for_batches()
                 processor = BatchProcessor(settings, handlers, self.metrics)

@@ -48,7 +48,7 @@ from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.parse import Record
 from workers.retry import Stopping, retry_transient
-from workers.runtime import BatchProcessor, BatchResult
+from workers.runtime import BatchProcessor, BatchResult, Part
 from workers.settings import Settings
 
 log = get_logger("chargeline.replay")
@@ -580,8 +580,8 @@ async def run_replay(
     return report
 
 
-def _customers(prepared: list[tuple[Any, list[Any], list[Any]]]) -> set[str]:
-    return {parsed.event.customer_ref for _, events, _ in prepared for parsed in events}
+def _customers(parts: list[Part]) -> set[str]:
+    return {parsed.event.customer_ref for part in parts for parsed in part.parsed}
 
 
 class _DryRun:

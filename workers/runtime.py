@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
@@ -37,6 +37,7 @@ from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.parse import Parsed, Record, Rejected, parse_records
+from workers.pipeline import BatchPipeline
 from workers.retry import Stopping, retry_transient
 from workers.settings import Settings
 
@@ -54,6 +55,15 @@ class Handler(Protocol):
         """Apply the first occurrence of each dedup key; one verdict per event, in order.
         Count the alerts written (by type) into ``alerts``."""
         ...
+
+
+class Part(NamedTuple):
+    """One lane's share of a batch, parsed: what one transaction applies."""
+
+    lane: tuple[str, int]  # (topic, partition modulo batch_lanes)
+    handler: Handler
+    parsed: list[Parsed]
+    rejected: list[Rejected]
 
 
 @dataclass
@@ -91,99 +101,75 @@ class BatchProcessor:
     def topics(self) -> list[str]:
         return list(self.handlers)
 
-    def prepare(
-        self, records: Sequence[Record]
-    ) -> list[tuple[Handler, list[Parsed], list[Rejected]]]:
-        """Parse per topic; pure CPU work done once, outside any retry."""
-        by_topic: dict[str, list[Record]] = {}
+    def prepare(self, records: Sequence[Record]) -> list[Part]:
+        """Parse per lane (a topic's partitions modulo ``batch_lanes``); pure CPU work done
+        once, outside any retry."""
+        lanes = self.settings.batch_lanes
+        by_lane: dict[tuple[str, int], list[Record]] = {}
         for record in records:
-            by_topic.setdefault(record.topic, []).append(record)
-        prepared = []
-        for topic, topic_records in by_topic.items():
-            handler = self.handlers[topic]
+            by_lane.setdefault((record.topic, record.partition % lanes), []).append(record)
+        parts = []
+        for lane, lane_records in by_lane.items():
+            handler = self.handlers[lane[0]]
             parsed, rejected = parse_records(
-                topic_records,
+                lane_records,
                 accepted_types=handler.accepted_types,
                 max_event_bytes=self.settings.max_event_bytes,
             )
-            prepared.append((handler, parsed, rejected))
-        return prepared
+            parts.append(Part(lane, handler, parsed, rejected))
+        return parts
 
-    async def apply(
-        self, conn: Any, prepared: list[tuple[Handler, list[Parsed], list[Rejected]]]
-    ) -> BatchResult:
+    async def apply(self, conn: Any, parts: Sequence[Part]) -> BatchResult:
         """Steps 2-4 on ``conn``, inside a transaction the caller owns."""
         result = BatchResult()
         dead: list[Rejected] = []
-        for handler, parsed, rejected in prepared:
-            firsts, repeats = first_occurrences(parsed)
-            verdicts = await handler.apply(conn, firsts, result.alerts)
+        for part in parts:
+            firsts, repeats = first_occurrences(part.parsed)
+            verdicts = await part.handler.apply(conn, firsts, result.alerts)
             judgement = judge(firsts, verdicts, repeats)
             result.counts.update(judgement.counts)
-            for invalid in rejected:
+            for invalid in part.rejected:
                 result.counts[
                     (invalid.record.topic, invalid.event_type, _invalid_outcome(invalid))
                 ] += 1
-            dead += rejected
+            dead += part.rejected
             dead += judgement.dead
         result.dead_letters = await record_dead_letters(
             conn, dead, dlq_topic=self.settings.topic_dlq
         )
         return result
 
-    async def process(
+    async def transact(
         self,
         pool: Any,
-        records: Sequence[Record],
+        part: Part,
         *,
         stopping: asyncio.Event | None = None,
         before_commit: Callable[[str], None] | None = None,
-        prepared: list[tuple[Handler, list[Parsed], list[Rejected]]] | None = None,
     ) -> BatchResult:
-        """Apply a batch: one transaction per topic, the topics' transactions concurrently,
-        each retried as a whole on outages. ``prepared`` is ``prepare(records)`` when the
-        caller already has it.
+        """Apply one part in a transaction of its own, retried as a whole on outages."""
 
-        A batch needs no atomicity across topics (their partitions are separate streams, and
-        offsets are committed only once every transaction has committed); running them side
-        by side lets Postgres work on one topic while this process computes the other's.
-        """
-        if prepared is None:
-            prepared = self.prepare(records)
+        async def attempt() -> BatchResult:
+            async with pool.acquire() as conn, conn.transaction():
+                result = await self.apply(conn, [part])
+                if before_commit is not None:
+                    before_commit("crash_before_db_commit")
+                return result
 
-        async def transaction(part: tuple[Handler, list[Parsed], list[Rejected]]) -> BatchResult:
-            async def attempt() -> BatchResult:
-                async with pool.acquire() as conn, conn.transaction():
-                    result = await self.apply(conn, [part])
-                    if before_commit is not None:
-                        before_commit("crash_before_db_commit")
-                    return result
+        return await retry_transient(
+            attempt,
+            is_transient=db.is_transient,
+            component="postgres",
+            settings=self.settings,
+            metrics=self.metrics,
+            stopping=stopping,
+        )
 
-            return await retry_transient(
-                attempt,
-                is_transient=db.is_transient,
-                component="postgres",
-                settings=self.settings,
-                metrics=self.metrics,
-                stopping=stopping,
-            )
 
-        result = BatchResult()
-        if len(prepared) == 1:
-            result.add(await transaction(prepared[0]))
-        elif prepared:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(transaction(part)) for part in prepared]
-            except BaseExceptionGroup as failed:
-                # The first failure, as a single transaction would have raised it (Stopping
-                # on shutdown, say); the group has already cancelled the other transactions.
-                raise failed.exceptions[0] from None
-            for task in tasks:
-                result.add(task.result())
-        result.records = len(records)
-        result.next_offsets = next_offsets(records)
-        return result
+class _Batch(NamedTuple):
+    number: int  # counted from 1 in this process
+    records: list[Record]
+    submitted: float  # monotonic
 
 
 def tune_gc_for_batches() -> None:
@@ -248,19 +234,21 @@ class ConsumerLoop(WorkerLoop):
         # and then waits for ``in_flight``, so every fetched batch is applied and its offsets
         # committed before the partitions move.
         self.batch_lock = asyncio.Lock()
-        # The batch being applied and committed while the next one is fetched and parsed:
-        # the worker's CPU work overlaps Postgres's, and at most two batches are in memory.
-        self.in_flight: asyncio.Task[None] | None = None
+        # Batches being applied and committed while the next one is fetched and parsed: the
+        # worker's CPU work overlaps Postgres's, and memory holds one batch more than these.
+        self.in_flight: BatchPipeline[_Batch, Part, BatchResult] = BatchPipeline(
+            apply=self._transact, finish=self._finish, max_batches=settings.batches_in_flight
+        )
         self.totals = BatchResult()
         self.batches = 0
 
-    def _failpoint(self, point: str) -> None:
+    def _failpoint(self, point: str, batch: int) -> None:
         """Fault tests only (``CHARGELINE_FAILPOINT``): die here, as a SIGKILL would."""
         if self.settings.failpoint is None:
             return
         name, every = self.settings.failpoint.split(":")
-        if name == point and self.batches % int(every) == 0:
-            log.warning("failpoint_crash", point=point, batch=self.batches)
+        if name == point and batch % int(every) == 0:
+            log.warning("failpoint_crash", point=point, batch=batch)
             os.kill(os.getpid(), signal.SIGKILL)
 
     async def run(self) -> None:
@@ -325,54 +313,56 @@ class ConsumerLoop(WorkerLoop):
         return True
 
     async def _submit(self, records: list[Record]) -> None:
-        """Parse ``records`` while the previous batch is in Postgres, then hand them over."""
-        prepared = self.processor.prepare(records)
-        await self.settle()  # batches commit in fetch order
-        self.in_flight = asyncio.create_task(self._handle(records, prepared))
+        """Parse ``records`` while earlier batches are in Postgres, then hand them over."""
+        parts = self.processor.prepare(records)
+        self.batches += 1
+        await self.in_flight.submit(_Batch(self.batches, records, time.monotonic()), parts)
 
     async def settle(self) -> None:
-        """Wait until the batch in flight is applied and its offsets committed (or raise
-        what stopped it)."""
-        in_flight, self.in_flight = self.in_flight, None
-        if in_flight is not None:
-            await in_flight
+        """Wait until every batch in flight is applied and its offsets committed (or raise
+        what stopped one)."""
+        await self.in_flight.settle()
 
     async def quiesce(self) -> None:
-        """Wait until no batch is in flight, leaving its outcome for ``settle`` to raise in
+        """Wait until no batch is in flight, leaving any failure for ``settle`` to raise in
         the loop (a rebalance callback is the wrong place to stop the worker)."""
-        if self.in_flight is not None:
-            await asyncio.wait({self.in_flight})
+        await self.in_flight.quiesce()
 
     async def _abandon_in_flight(self) -> None:
-        # Only reached with a batch in flight when the loop failed: its outcome no longer
-        # matters (it is redelivered to whoever reads the partition next), but it must not
-        # outlive the consumer it commits through.
-        in_flight, self.in_flight = self.in_flight, None
-        if in_flight is not None and not in_flight.done():
-            in_flight.cancel()
-        if in_flight is not None:
-            with contextlib.suppress(BaseException):
-                await in_flight
+        # Only reached with batches in flight when the loop failed: their outcome no longer
+        # matters (they are redelivered to whoever reads the partitions next), but they must
+        # not outlive the consumer they commit through.
+        await self.in_flight.abandon()
 
-    async def _handle(
-        self, records: list[Record], prepared: list[tuple[Handler, list[Parsed], list[Rejected]]]
-    ) -> None:
-        started = time.monotonic()
-        self.batches += 1
-        # 1. persist in one transaction (retried as a whole while Postgres is down);
-        result = await self.processor.process(
+    async def _transact(self, batch: _Batch, part: Part) -> BatchResult:
+        # 1. persist each lane's part in one transaction (retried while Postgres is down);
+        return await self.processor.transact(
             self.pool,
-            records,
+            part,
             stopping=self.stopping,
-            before_commit=self._failpoint,
-            prepared=prepared,
+            before_commit=lambda point: self._failpoint(point, batch.number),
         )
-        self._failpoint("crash_after_db_commit")
+
+    async def _finish(self, batch: _Batch, applied: list[BatchResult]) -> None:
+        result = BatchResult()
+        for part in applied:
+            result.add(part)
+        result.records = len(batch.records)
+        result.next_offsets = next_offsets(batch.records)
+        self._failpoint("crash_after_db_commit", batch.number)
         committed_at = time.time()
-        # 2. then commit offsets. A crash between the two redelivers a batch whose effects
-        #    are all keyed: the second delivery is counted as duplicates and changes nothing.
+        db_done = time.monotonic()
+        # 2. then, once every part has committed, commit offsets. A crash between the two
+        #    redelivers a batch whose effects are all keyed: the second delivery is counted
+        #    as duplicates and changes nothing.
         await self._commit(result.next_offsets)
-        self._observe(records, result, time.monotonic() - started, committed_at)
+        self._observe(
+            batch.records,
+            result,
+            committed_at,
+            db_s=db_done - batch.submitted,
+            offsets_s=time.monotonic() - db_done,
+        )
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
@@ -392,8 +382,15 @@ class ConsumerLoop(WorkerLoop):
             )
 
     def _observe(
-        self, records: list[Record], result: BatchResult, duration: float, committed_at: float
+        self,
+        records: list[Record],
+        result: BatchResult,
+        committed_at: float,
+        *,
+        db_s: float,
+        offsets_s: float,
     ) -> None:
+        duration = db_s + offsets_s
         self.totals.add(result)
         m = self.metrics
         m.batch_size.labels(worker=self.name).observe(len(records))
@@ -429,6 +426,8 @@ class ConsumerLoop(WorkerLoop):
             dead_letters=dict(result.dead_letters),
             alerts=dict(result.alerts),
             duration_ms=round(duration * 1000, 1),
+            db_ms=round(db_s * 1000, 1),
+            offsets_ms=round(offsets_s * 1000, 1),
         )
 
     def _update_lag(self) -> None:

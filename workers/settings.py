@@ -79,8 +79,22 @@ class Settings(BaseSettings):
     log_format: LogFormat = "json"
 
     # --- batching and back-off ---
-    batch_max_records: int = Field(default=5000, ge=1, le=100_000)
+    batch_max_records: int = Field(default=4000, ge=1, le=100_000)
     batch_max_wait_ms: int = Field(default=100, ge=1, le=60_000)
+    batches_in_flight: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="Batches being applied while the next one is fetched and parsed; memory "
+        "holds one more than this.",
+    )
+    batch_lanes: int = Field(
+        default=3,
+        ge=1,
+        le=16,
+        description="Transactions per topic a batch is split into, by partition; they run "
+        "concurrently so that Postgres works on one while the worker computes another.",
+    )
     max_event_bytes: int = Field(
         default=65_536, ge=1024, description="Records larger than this are dead-lettered."
     )
