@@ -28,11 +28,11 @@ inserted AS (
     JOIN flow f ON f.flow_id = i.flow_id AND f.status = 'active'
     ORDER BY i.ord
     ON CONFLICT ON CONSTRAINT charges_dedup_key DO NOTHING
-    RETURNING charge_id, flow_id, reference
+    RETURNING charge_id AS new_id, flow_id, reference
 )
 SELECT i.ord,
        f.status AS flow_status,
-       ins.charge_id AS new_id,
+       ins.new_id,
        existing.fingerprint AS stored_fingerprint,
        -- The stored payload only where it differs (a conflict): a duplicate's is its own.
        CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
@@ -40,10 +40,13 @@ SELECT i.ord,
 FROM input i
 LEFT JOIN flow f ON f.flow_id = i.flow_id
 LEFT JOIN inserted ins ON ins.flow_id = i.flow_id AND ins.reference = i.reference
--- One index probe per input row (LIMIT 1 keeps the planner from hashing the whole table).
+-- An index probe for each row not inserted, to tell a duplicate from a conflict (the
+-- condition on ins is a one-time filter: new rows skip the probe). LIMIT 1 keeps the
+-- planner from hashing the whole table.
 LEFT JOIN LATERAL (
     SELECT * FROM charges e
-    WHERE e.flow_id = i.flow_id AND e.reference = i.reference
+    WHERE ins.new_id IS NULL
+      AND e.flow_id = i.flow_id AND e.reference = i.reference
     LIMIT 1
 ) existing ON true
 ORDER BY i.ord;

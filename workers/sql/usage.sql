@@ -16,9 +16,9 @@ inserted AS (
     FROM input
     ORDER BY ord
     ON CONFLICT ON CONSTRAINT usage_events_dedup_key DO NOTHING
-    RETURNING usage_id, customer_ref, reference
+    RETURNING usage_id AS new_id, customer_ref, reference
 )
-SELECT i.ord, ins.usage_id AS new_id, existing.fingerprint AS stored_fingerprint,
+SELECT i.ord, ins.new_id, existing.fingerprint AS stored_fingerprint,
        -- The stored payload only where it differs (a conflict): a duplicate's is its own.
        CASE WHEN existing.fingerprint <> i.fingerprint THEN jsonb_strip_nulls(jsonb_build_object(
            'type', 'usage', 'customer_ref', existing.customer_ref,
@@ -27,10 +27,13 @@ SELECT i.ord, ins.usage_id AS new_id, existing.fingerprint AS stored_fingerprint
            'occurred_at', existing.occurred_at))::text END AS stored_payload
 FROM input i
 LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
--- One index probe per input row (LIMIT 1 keeps the planner from hashing the whole table).
+-- An index probe for each row not inserted, to tell a duplicate from a conflict (the
+-- condition on ins is a one-time filter: new rows skip the probe). LIMIT 1 keeps the
+-- planner from hashing the whole table.
 LEFT JOIN LATERAL (
     SELECT * FROM usage_events e
-    WHERE e.customer_ref = i.customer_ref AND e.reference = i.reference
+    WHERE ins.new_id IS NULL
+      AND e.customer_ref = i.customer_ref AND e.reference = i.reference
     LIMIT 1
 ) existing ON true
 ORDER BY i.ord;
@@ -64,17 +67,20 @@ inserted AS (
     FROM input
     ORDER BY ord
     ON CONFLICT ON CONSTRAINT grants_dedup_key DO NOTHING
-    RETURNING grant_id, customer_ref, reference
+    RETURNING grant_id AS new_id, customer_ref, reference
 )
-SELECT i.ord, ins.grant_id AS new_id, existing.fingerprint AS stored_fingerprint,
+SELECT i.ord, ins.new_id, existing.fingerprint AS stored_fingerprint,
        CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
            AS stored_payload
 FROM input i
 LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
--- One index probe per input row (LIMIT 1 keeps the planner from hashing the whole table).
+-- An index probe for each row not inserted, to tell a duplicate from a conflict (the
+-- condition on ins is a one-time filter: new rows skip the probe). LIMIT 1 keeps the
+-- planner from hashing the whole table.
 LEFT JOIN LATERAL (
     SELECT * FROM grants e
-    WHERE e.customer_ref = i.customer_ref AND e.reference = i.reference
+    WHERE ins.new_id IS NULL
+      AND e.customer_ref = i.customer_ref AND e.reference = i.reference
     LIMIT 1
 ) existing ON true
 ORDER BY i.ord;
@@ -102,17 +108,20 @@ inserted AS (
     FROM input
     ORDER BY ord
     ON CONFLICT ON CONSTRAINT credit_voids_dedup_key DO NOTHING
-    RETURNING void_id, customer_ref, reference
+    RETURNING void_id AS new_id, customer_ref, reference
 )
-SELECT i.ord, ins.void_id AS new_id, existing.fingerprint AS stored_fingerprint,
+SELECT i.ord, ins.new_id, existing.fingerprint AS stored_fingerprint,
        CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
            AS stored_payload
 FROM input i
 LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
--- One index probe per input row (LIMIT 1 keeps the planner from hashing the whole table).
+-- An index probe for each row not inserted, to tell a duplicate from a conflict (the
+-- condition on ins is a one-time filter: new rows skip the probe). LIMIT 1 keeps the
+-- planner from hashing the whole table.
 LEFT JOIN LATERAL (
     SELECT * FROM credit_voids e
-    WHERE e.customer_ref = i.customer_ref AND e.reference = i.reference
+    WHERE ins.new_id IS NULL
+      AND e.customer_ref = i.customer_ref AND e.reference = i.reference
     LIMIT 1
 ) existing ON true
 ORDER BY i.ord;
