@@ -1,8 +1,9 @@
 """The worker runtime every consuming worker shares: parse, dedupe, apply, emit, commit.
 
-``BatchProcessor`` turns one batch of records into one Postgres transaction (used by the live
-loop and by replay). ``ConsumerLoop`` feeds it from a consumer group and moves the group's
-offsets only after the database commit. Exactly-once *effect* comes from the pair: effects
+``BatchProcessor`` parses a batch of records into parts, one per lane, and applies a part in
+a Postgres transaction (replay applies all parts in one). ``ConsumerLoop`` feeds it from a
+consumer group through ``workers.pipeline`` and moves the group's offsets only after every
+transaction of the batch has committed. Exactly-once *effect* comes from the pair: effects
 are keyed by permanent dedup keys and dead letters by source position, so a batch delivered
 twice (a crash between the database commit and the offset commit, a stale worker after a
 rebalance) changes nothing the second time.
@@ -169,7 +170,7 @@ class BatchProcessor:
 class _Batch(NamedTuple):
     number: int  # counted from 1 in this process
     records: list[Record]
-    submitted: float  # monotonic
+    submitted: float  # monotonic, at hand-over: db_ms includes waiting behind earlier batches
 
 
 def tune_gc_for_batches() -> None:
