@@ -35,6 +35,7 @@ CHECKS: list[tuple[int, str, str, str]] = [
      "ledger entries out of sequence, or balance_after not a running sum"),
     (2, "ledger_references", "verify_ledger_references",
      "a ledger entry whose grant, usage event or void does not exist"),
+    (3, "charge_flows", "verify_charge_flows", "a charge whose flow does not exist"),
     (3, "payouts", "verify_payouts",
      "a payout whose count or total differs from its charges, or a charge in no real payout"),
     (4, "alerts", "verify_alerts",

@@ -77,6 +77,13 @@ async def test_verify_passes_then_finds_each_corruption(settings: Settings) -> N
             "WHERE customer_ref = 'c2' AND usage_id IS NOT NULL"
         )
 
+        # A charge whose flow is gone: what the charges' foreign key used to refuse (0007).
+        await conn.execute("UPDATE charges SET flow_id = 'flow_gone' WHERE reference = 'r1'")
+        code, report = verdict(settings)
+        assert code == 1 and {v["check"] for v in report["violations"]} == {"charge_flows"}
+        assert report["violations"][0]["rows"][0]["flow_id"] == "flow_gone"
+        await conn.execute("UPDATE charges SET flow_id = 'flow_a' WHERE reference = 'r1'")
+
         await conn.execute("DELETE FROM ledger_entries WHERE customer_ref = 'c2'")
         code, report = verdict(settings)
         checks = {v["check"] for v in report["violations"]}

@@ -50,6 +50,7 @@ SELECT EXISTS (SELECT 1 FROM customers WHERE customer_ref = $1);
 -- name: usage_report
 -- Tokens used per period (UTC calendar day or month, $4) and feature, from usage events
 -- that occurred in [$2, $3); $5 restricts to one feature. Periods without usage are absent.
+-- Read through the dedup key's index (customer_ref, reference): one range per customer (0007).
 SELECT $1::text AS customer_ref,
        date_trunc($4::text, occurred_at, 'UTC') AS period_start,
        feature,

@@ -91,6 +91,14 @@ WHERE (e.grant_id IS NOT NULL AND g.grant_id IS NULL)
    OR (e.void_id IS NOT NULL AND v.void_id IS NULL)
 LIMIT $1;
 
+-- name: verify_charge_flows
+-- Every charge's flow exists (charges have no foreign key to flows: 0007).
+SELECT c.charge_id, c.flow_id, c.reference
+FROM charges c
+LEFT JOIN flows f ON f.flow_id = c.flow_id
+WHERE f.flow_id IS NULL
+LIMIT $1;
+
 -- name: verify_alerts
 -- Each depleted/recovered alert is a crossing at its ledger position, and per customer
 -- they alternate, starting with recovered (a new customer starts at 0).
