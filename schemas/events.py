@@ -13,6 +13,7 @@ fingerprints) is the sha256 of ``canonical_json``.
 from __future__ import annotations
 
 import hashlib
+from decimal import Decimal
 from typing import Annotated, ClassVar, Literal
 
 import orjson
@@ -177,10 +178,39 @@ def canonical_json(event: InputEvent) -> bytes:
     Fields left at their default (omitted, or sent as their default such as ``"priority": 0``
     or ``null``) are left out, so a re-send that means the same thing reads the same;
     currency is upper case, timestamps UTC, ``cost_basis`` without trailing zeros.
+
+    The bytes are those of ``orjson.dumps(event.model_dump(mode="json",
+    exclude_defaults=True), option=OPT_SORT_KEYS)``, the definition every stored fingerprint
+    was made with (a unit test holds the two equal over generated events), built from the
+    validated fields directly: pydantic's model_dump was a third of the parse cost. The
+    fields need no conversion but timestamps, which are UTC (``"Z"``, as pydantic writes
+    them), and ``cost_basis``, a plain decimal string.
     """
+    defaults = _FIELD_DEFAULTS[type(event)]
     return orjson.dumps(
-        event.model_dump(mode="json", exclude_defaults=True), option=orjson.OPT_SORT_KEYS
+        {
+            name: value
+            for name, value in event.__dict__.items()
+            if name not in defaults or value != defaults[name]
+        },
+        default=_plain_decimal,
+        option=orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z,
     )
+
+
+def _defaults(model: type[BaseModel]) -> dict[str, object]:
+    return {name: f.default for name, f in model.model_fields.items() if not f.is_required()}
+
+
+_FIELD_DEFAULTS: dict[type[BaseModel], dict[str, object]] = {
+    model: _defaults(model) for model in EVENT_MODELS.values()
+}
+
+
+def _plain_decimal(value: object) -> str:
+    if isinstance(value, Decimal):
+        return format(value, "f")  # as schemas.common serializes cost_basis: never "1E-7"
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def fingerprint(event: InputEvent) -> bytes:

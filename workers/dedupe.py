@@ -86,45 +86,49 @@ def judge(
     """Turn the handler's verdicts into an outcome for every event of the batch."""
     if len(verdicts) != len(firsts):
         raise ValueError(f"{len(verdicts)} verdicts for {len(firsts)} events")
-    counts: Counter[tuple[str, str, str]] = Counter()
+    # One (topic, type, outcome) key per event, counted once at the end: Counter.update on a
+    # list counts in C, where a += per event was a fifth of judging a batch of duplicates.
+    outcomes: list[tuple[str, str, str]] = []
     dead: list[Rejected] = []
     # What Postgres holds for each first occurrence after this batch (None: nothing stored).
     held: list[Stored | None] = []
     for parsed, verdict in zip(firsts, verdicts, strict=True):
         if verdict.recorded:
             held.append(Stored(parsed.fingerprint, parsed.payload))
-            _count(counts, parsed, Outcome.RECORDED)
+            outcomes.append((parsed.record.topic, parsed.event_type, _RECORDED))
         elif verdict.stored is not None:
             held.append(verdict.stored)
-            _same_or_conflict(parsed, verdict.stored, counts, dead)
+            outcomes.append(_same_or_conflict(parsed, verdict.stored, dead))
         else:
             held.append(None)
             assert verdict.rejection is not None, "a verdict must record, hold or reject"
             reason, detail = verdict.rejection
             dead.append(Rejected(parsed.record, reason, detail, parsed.event_type))
-            _count(counts, parsed, Outcome.REJECTED)
+            outcomes.append((parsed.record.topic, parsed.event_type, _REJECTED))
     for parsed, first in repeats:
         stored = held[first]
         if stored is not None:
-            _same_or_conflict(parsed, stored, counts, dead)
+            outcomes.append(_same_or_conflict(parsed, stored, dead))
         else:
             # The first was refused (an unknown flow, say); so is every copy of it.
             rejection = verdicts[first].rejection
             assert rejection is not None
             dead.append(Rejected(parsed.record, *rejection, parsed.event_type))
-            _count(counts, parsed, Outcome.REJECTED)
-    return Judgement(counts, dead)
+            outcomes.append((parsed.record.topic, parsed.event_type, _REJECTED))
+    return Judgement(Counter(outcomes), dead)
 
 
-def _same_or_conflict(
-    parsed: Parsed,
-    stored: Stored,
-    counts: Counter[tuple[str, str, str]],
-    dead: list[Rejected],
-) -> None:
+_RECORDED = Outcome.RECORDED.value
+_DUPLICATE = Outcome.DUPLICATE.value
+_CONFLICT = Outcome.CONFLICT.value
+_REJECTED = Outcome.REJECTED.value
+
+
+def _same_or_conflict(parsed: Parsed, stored: Stored, dead: list[Rejected]) -> tuple[str, str, str]:
+    """The outcome key of an event whose key Postgres holds: duplicate, or a conflict (then
+    dead-lettered with both payloads)."""
     if parsed.fingerprint == stored.fingerprint:
-        _count(counts, parsed, Outcome.DUPLICATE)
-        return
+        return (parsed.record.topic, parsed.event_type, _DUPLICATE)
     key = "/".join(parsed.dedup_key)
     dead.append(
         Rejected(
@@ -135,11 +139,7 @@ def _same_or_conflict(
             conflict=Conflict(parsed.dedup_key, stored.payload_text(), parsed.payload.decode()),
         )
     )
-    _count(counts, parsed, Outcome.CONFLICT)
-
-
-def _count(counts: Counter[tuple[str, str, str]], parsed: Parsed, outcome: Outcome) -> None:
-    counts[(parsed.record.topic, parsed.event_type, outcome.value)] += 1
+    return (parsed.record.topic, parsed.event_type, _CONFLICT)
 
 
 def verdicts_from_rows(

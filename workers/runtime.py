@@ -193,13 +193,26 @@ def _invalid_outcome(rejected: Rejected) -> str:
     return "rejected" if rejected.event_type != "unknown" else "invalid"
 
 
-def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
-    offsets: dict[TopicPartition, int] = {}
+def partition_spans(records: Sequence[Record]) -> dict[tuple[str, int], tuple[int, int]]:
+    """(lowest, highest) offset of the records of each (topic, partition)."""
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
     for record in records:
-        tp = TopicPartition(record.topic, record.partition)
-        if record.offset + 1 > offsets.get(tp, -1):
-            offsets[tp] = record.offset + 1
-    return offsets
+        key = (record.topic, record.partition)
+        span = spans.get(key)
+        if span is None:
+            spans[key] = (record.offset, record.offset)
+        elif record.offset > span[1]:
+            spans[key] = (span[0], record.offset)
+        elif record.offset < span[0]:
+            spans[key] = (record.offset, span[1])
+    return spans
+
+
+def next_offsets(
+    spans: dict[tuple[str, int], tuple[int, int]],
+) -> dict[TopicPartition, int]:
+    """The offset to commit per partition: one past the highest of the batch."""
+    return {TopicPartition(topic, part): hi + 1 for (topic, part), (_, hi) in spans.items()}
 
 
 _TRANSIENT_KAFKA = (KafkaConnectionError, asyncio.TimeoutError)
@@ -349,7 +362,8 @@ class ConsumerLoop(WorkerLoop):
         for part in applied:
             result.add(part)
         result.records = len(batch.records)
-        result.next_offsets = next_offsets(batch.records)
+        spans = partition_spans(batch.records)
+        result.next_offsets = next_offsets(spans)
         self._failpoint("crash_after_db_commit", batch.number)
         committed_at = time.time()
         db_done = time.monotonic()
@@ -359,6 +373,7 @@ class ConsumerLoop(WorkerLoop):
         await self._commit(result.next_offsets)
         self._observe(
             batch.records,
+            spans,
             result,
             committed_at,
             db_s=db_done - batch.submitted,
@@ -385,6 +400,7 @@ class ConsumerLoop(WorkerLoop):
     def _observe(
         self,
         records: list[Record],
+        spans: dict[tuple[str, int], tuple[int, int]],
         result: BatchResult,
         committed_at: float,
         *,
@@ -408,13 +424,6 @@ class ConsumerLoop(WorkerLoop):
                 topic,
                 [max(0.0, committed_ms - r.timestamp) / 1000 for r in records if r.topic == topic],
             )
-        spans: dict[tuple[str, int], list[int]] = {}
-        for record in records:
-            span = spans.get((record.topic, record.partition))
-            if span is None:
-                spans[(record.topic, record.partition)] = [record.offset, record.offset]
-            elif record.offset > span[1]:
-                span[1] = record.offset
         log.info(
             "batch_flushed",
             worker=self.name,

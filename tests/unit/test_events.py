@@ -3,8 +3,9 @@ with the right dead-letter reason, and fingerprints tell payloads apart exactly.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -736,6 +737,65 @@ def test_canonical_json_of_the_spec_charge() -> None:
     assert len(fingerprint(charge)) == 32
     # The canonical form is itself a valid event, with the same canonical form.
     assert canonical_json(parse_event(canonical_json(charge))) == canonical_json(charge)
+
+
+def _generated_events(count: int, seed: int) -> Iterator[bytes]:
+    """Valid-looking events of every type, with every optional field sometimes sent, sent as
+    its default or null, timestamps with offsets and microseconds, and nested metadata."""
+    rng = random.Random(seed)
+
+    def timestamp(after: datetime) -> str:
+        at = after + timedelta(seconds=rng.randint(0, 10**7), microseconds=rng.randint(0, 999_999))
+        offset = timezone(timedelta(minutes=rng.choice([0, 0, 60, -330, 840])))
+        text = at.astimezone(offset).isoformat()
+        return text.replace("+00:00", rng.choice(["Z", "+00:00", "z", "-00:00"]))
+
+    past = NOW - timedelta(days=200)
+    metadata = [None, {}, {"b": 1, "a": [1.5, {"z": None, "y": True}], "\u00e9": "\u2028"},
+                {"big": -(2**63), "f": 1e300, "g": 1.0, "h": 0.1, "s": "tab\there"}]  # fmt: skip
+    for n in range(count):
+        kind = rng.choice(["charge", "usage", "credit_grant", "credit_void"])
+        body: dict[str, Any] = {"type": kind, "customer_ref": f"c {n}", "reference": f"r\u00e9{n}"}
+        if kind == "charge":
+            body |= {"flow_id": "f", "amount": rng.randint(1, 10**12),
+                     "currency": rng.choice(["eur", "JPY", "KWD"])}  # fmt: skip
+        elif kind == "usage":
+            body["tokens"] = rng.randint(1, 10**12)
+            if rng.random() < 0.5:
+                body["feature"] = rng.choice(["chat", None])
+        elif kind == "credit_grant":
+            body |= {"tokens": rng.randint(1, 10**6), "currency": "usd", "source": "plan",
+                     "cost_basis": rng.choice(["0", "0.0001", "0.000100", "12", "1.50",
+                                               "0.0000001", "123456789012345678.12345678"])}  # fmt: skip
+            if rng.random() < 0.5:
+                body["priority"] = rng.choice([0, 3])
+            if rng.random() < 0.3:
+                body["effective_at"] = timestamp(past)
+            if rng.random() < 0.5:
+                body["expires_at"] = timestamp(NOW + timedelta(days=400))
+            if rng.random() < 0.3:
+                body["description"] = rng.choice(["", "x \u00e9\u4e2d", None])
+        else:
+            body |= {"grant_reference": "g", "reason": "refund \u2603"}
+        if rng.random() < 0.5:
+            body["occurred_at"] = rng.choice([None, timestamp(past)])
+        if rng.random() < 0.5:
+            body["metadata"] = rng.choice(metadata)
+        yield orjson.dumps(body)
+
+
+def test_canonical_json_is_the_model_dump_definition() -> None:
+    """Stored fingerprints were made from pydantic's model_dump; the faster canonical_json
+    must give the same bytes for every event, or re-sent events would become conflicts."""
+    checked = 0
+    for raw in [SPEC_CHARGE, SPEC_USAGE, SPEC_GRANT, SPEC_VOID, *_generated_events(3000, 7)]:
+        parsed = parse_event(raw)
+        definition = orjson.dumps(
+            parsed.model_dump(mode="json", exclude_defaults=True), option=orjson.OPT_SORT_KEYS
+        )
+        assert canonical_json(parsed) == definition, raw
+        checked += 1
+    assert checked == 3004
 
 
 @pytest.mark.parametrize("raw", [SPEC_CHARGE, SPEC_USAGE, SPEC_GRANT, SPEC_VOID])
