@@ -439,6 +439,31 @@ async def naive_sql(settings: Settings, budget_s: float = 10.0) -> float:
         await conn.close()
 
 
+def python_loop_seconds(iterations: int = 5_000_000) -> float:
+    """Seconds for a fixed pure-Python loop, best of three: how fast this machine runs Python
+    today. Figures of runs on different days compare only after scaling by it (the shared
+    machines here have run the same code 2.5 times slower from one day to the next)."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for n in range(iterations):
+            total += n
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def cpu_steal_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks of the whole machine so far, from /proc/stat; (0, 0) where
+    there is none. Steal is time the hypervisor gave this VM's CPUs to someone else."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return (0, 0)
+    return (fields[7] if len(fields) > 7 else 0, sum(fields[:8]))
+
+
 def server_cpu_seconds() -> dict[str, float]:
     """CPU seconds used so far by the local Postgres and broker processes (all of them)."""
     totals = {"postgres": 0.0, "broker": 0.0}
@@ -624,6 +649,7 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
     )
     workdir = Path(tempfile.mkdtemp(prefix="chargeline-bench-"))
     results: dict[str, Any] = {"events": events}
+    python_loop = python_loop_seconds()
     try:
         await prepare_database(settings)
         await ensure_topics(settings, partitions=PARTITIONS)
@@ -639,8 +665,11 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
         worker = WorkerRun(settings, workdir / "worker.log")
         try:
             cpu_before, servers_before = worker.cpu_seconds(), server_cpu_seconds()
+            steal_before = cpu_steal_ticks()
             first, last = await worker.wait_events(load.total)
             cpu = worker.cpu_seconds() - cpu_before
+            steal, ticks = (a - b for a, b in zip(cpu_steal_ticks(), steal_before, strict=True))
+            results["drain_cpu_steal_pct"] = 100 * steal / ticks if ticks else 0.0
             results["throughput_eps"] = load.total / (last - first)
             results["drain_s"] = last - first
             results["cpu_s_per_1k_events"] = cpu / load.total * 1000
@@ -708,7 +737,11 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
     results["ratio_throughput_to_raw_consume"] = (
         results["throughput_eps"] / results["raw_consume_eps"]
     )
-    results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "python_loop_s": python_loop,
+    }
     show(results)
     if json_path is not None:
         document = orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
@@ -736,6 +769,16 @@ def show(results: dict[str, Any]) -> None:
         ("replay, all duplicates (events/s)", results["replay_eps"], ">= 60,000"),
         ("worker peak RSS (MiB)", results["worker_peak_rss_mib"], "< 256"),
         ("CPU s per 1,000 events", results["cpu_s_per_1k_events"], "the worker"),
+        (
+            "CPU steal during the drain (%)",
+            results.get("drain_cpu_steal_pct", 0.0),
+            "machine-wide, taken by the hypervisor",
+        ),
+        (
+            "Python loop (s), machine speed",
+            results["machine"]["python_loop_s"],
+            "5M additions; compare runs by it",
+        ),
         *(
             (f"  {server} CPU s per 1,000 events", results[key], "during the drain")
             for server in ("postgres", "broker")

@@ -42,4 +42,7 @@ def test_bench_runs_every_phase_and_writes_the_figures(settings: Settings, tmp_p
         assert figures[key] > 0, key
     # The depletions threaded through the fixed-rate load raised alerts that were measured.
     assert figures["alerts_measured"] >= 1
+    # The machine's speed that day, to scale figures of runs on different days by.
+    assert figures["machine"]["python_loop_s"] > 0
+    assert 0 <= figures["drain_cpu_steal_pct"] <= 100
     assert "throughput / naive" in done.stdout
