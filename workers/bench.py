@@ -95,9 +95,10 @@ def build_load(events: int, *, seed: int = 1, run: str = "") -> Load:
         unique_charges.append(_charge(f"flow-{n % FLOWS:02d}", customer, f"{run}job-{n}", rng))
     load.usage = list(unique_usage)
     load.charges = list(unique_charges)
+    usage_only = unique_usage[customers:] or unique_usage  # once: a copy per pick was O(n^2)
     for _ in range(duplicates):
         if rng.random() < 0.8:
-            load.usage.append(rng.choice(unique_usage[customers:] or unique_usage))
+            load.usage.append(rng.choice(usage_only))
         else:
             load.charges.append(rng.choice(unique_charges or unique_usage))
     for n in range(malformed):
