@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 EntryKind = Literal["grant", "overage_settlement", "usage", "expiry", "void"]
 GrantStatus = Literal["pending", "active", "expired", "voided"]
@@ -72,8 +72,11 @@ class Customer:
     changed: bool = False
 
 
-@dataclass(slots=True, frozen=True)
-class Entry:
+class Entry(NamedTuple):
+    """One ledger entry, its fields in the order of the ``ledger_entries`` COPY: the writer
+    sends the entries as they are. A NamedTuple is built in C, where a frozen dataclass sets
+    each of its eleven fields through object.__setattr__: one or more per usage event."""
+
     customer_ref: str
     seq: int
     kind: EntryKind
@@ -82,8 +85,9 @@ class Entry:
     grant_delta: int
     overage_delta: int
     reference: str  # the event (or grant, for expiry) that caused it
+    usage_id: int | None  # the causing usage event, for kind "usage"
+    void_id: int | None  # the causing void, for kind "void"
     balance_after: int
-    source_id: int | None  # usage_id / void_id of the causing event, where there is one
 
 
 @dataclass(slots=True, frozen=True)
@@ -275,8 +279,9 @@ class Ledger:
                 grant_delta,
                 overage_delta,
                 reference,
+                source_id if kind == "usage" else None,
+                source_id if kind == "void" else None,
                 customer.balance,
-                source_id,
             )
         )
 

@@ -21,13 +21,10 @@ from schemas.events import CreditGrantEvent, CreditVoidEvent, UsageEvent
 from schemas.outputs import AlertCause, AlertEvent
 from workers.db import QUERIES, as_columns
 from workers.dedupe import Verdict, resolve_races, verdicts_from_rows
-from workers.ledger import Alert, Customer, Grant, Ledger
+from workers.ledger import Alert, Customer, Entry, Grant, Ledger
 from workers.parse import Parsed
 
-LEDGER_COLUMNS = (
-    "customer_ref", "seq", "kind", "amount", "grant_id", "grant_delta", "overage_delta",
-    "reference", "usage_id", "void_id", "balance_after",
-)  # fmt: skip
+LEDGER_COLUMNS = Entry._fields  # the entries are the COPY's rows, as they are
 
 
 @dataclass(slots=True)
@@ -263,24 +260,7 @@ async def write_ledger(conn: Any, ledger: Ledger, *, alerts_topic: str) -> None:
     changes = ledger.changes
     if changes.entries:
         await conn.copy_records_to_table(
-            "ledger_entries",
-            columns=LEDGER_COLUMNS,
-            records=[
-                (
-                    e.customer_ref,
-                    e.seq,
-                    e.kind,
-                    e.amount,
-                    e.grant_id,
-                    e.grant_delta,
-                    e.overage_delta,
-                    e.reference,
-                    e.source_id if e.kind == "usage" else None,
-                    e.source_id if e.kind == "void" else None,
-                    e.balance_after,
-                )
-                for e in changes.entries
-            ],
+            "ledger_entries", columns=LEDGER_COLUMNS, records=changes.entries
         )
     grants = [g for c in ledger.customers.values() for g in _all_grants(c) if g.changed]
     if grants:
