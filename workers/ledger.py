@@ -21,7 +21,8 @@ from decimal import Decimal
 from typing import Any, Literal, NamedTuple
 
 EntryKind = Literal["grant", "overage_settlement", "usage", "expiry", "void"]
-GrantStatus = Literal["pending", "active", "expired", "voided"]
+# "active": effective, with tokens left; "used": effective, its last token gone (0008).
+GrantStatus = Literal["pending", "active", "used", "expired", "voided"]
 AlertKind = Literal[
     "credit_balance_depleted",
     "credit_balance_recovered",
@@ -269,6 +270,8 @@ class Ledger:
         if grant is not None:
             grant.remaining += grant_delta
             grant.changed = True
+            if grant.remaining == 0 and grant.status == "active":
+                grant.status = "used"
         self.changes.entries.append(
             Entry(
                 customer.customer_ref,

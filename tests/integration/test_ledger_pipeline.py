@@ -119,6 +119,27 @@ async def test_usage_then_grant_in_one_batch_gives_depleted_then_recovered(
         "credit_balance_recovered",
     ]
     assert await balance(settings, "c1") == 70
+    # g0 paid its last token ('used'); g1 has tokens left ('active'): what the open-grant
+    # indexes name (migration 0008).
+    rows = await fetch(settings, "SELECT reference, status, remaining FROM grants ORDER BY 1")
+    assert [tuple(r) for r in rows] == [("g0", "used", 0), ("g1", "active", 70)]
+
+
+async def test_spending_a_grant_is_a_hot_update(settings: Settings) -> None:
+    """The update each usage event makes to its grant changes no indexed column (0008), so
+    Postgres makes it heap-only: no new index entries, no index bloat under load."""
+    await setup_pipeline(settings, partitions=1)
+    await run_load(settings, [grant("c1", "g0", 1000)])
+    await run_load(settings, [usage("c1", "u1", 10)])
+
+    async def hot_updates() -> bool:
+        hot = await fetchval(
+            settings, "SELECT n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'grants'"
+        )
+        return bool(hot)
+
+    await wait_for(hot_updates, what="a HOT update of grants in pg_stat_user_tables")
+    assert await balance(settings, "c1") == 990
 
 
 async def test_replaying_the_usage_topic_changes_nothing(settings: Settings) -> None:

@@ -200,3 +200,25 @@ def test_reload_requested_once_per_batch_when_left_below_threshold() -> None:
     ledger.usage("c", "u2", 1_500, usage_id=2)  # 500: below
     ledger.usage("c", "u3", 100, usage_id=3)  # still below: same request
     assert ledger.changes.reloads == {"c": "u2"}
+
+
+def test_a_grant_whose_last_token_goes_is_used_and_can_still_be_voided() -> None:
+    """'active' means tokens left (what the open-grant indexes find, 0008); the grant that
+    pays the last token becomes 'used', by usage or by settling an overage."""
+    ledger = Ledger({}, NOW)
+    small, large = grant("small", 30), grant("large", 100)
+    ledger.grant("c", small, "small")
+    ledger.usage("c", "u1", 20, usage_id=1)
+    assert (small.status, small.remaining) == ("active", 10)
+    ledger.usage("c", "u2", 50, usage_id=2)  # 10 from small, 40 past zero
+    assert (small.status, small.remaining) == ("used", 0)
+    ledger.grant("c", large, "large")  # pays the overage of 40 first
+    assert (large.status, large.remaining) == ("active", 60)
+    settled = grant("settled", 5)
+    ledger.usage("c", "u3", 65, usage_id=3)  # 60 from large, 5 past zero
+    ledger.grant("c", settled, "settled")  # all of it pays the overage
+    assert (large.status, settled.status, settled.remaining) == ("used", "used", 0)
+    entries_before = len(ledger.changes.entries)
+    assert ledger.void("c", "small", "void-small", void_id=1)
+    assert small.status == "voided" and len(ledger.changes.entries) == entries_before
+    check_invariants(ledger)

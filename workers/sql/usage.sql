@@ -157,8 +157,8 @@ SELECT grant_id, customer_ref, reference, tokens, remaining, effective_at, expir
        priority, cost_basis, status
 FROM grants
 WHERE customer_ref = ANY($1::text[])
-  AND (status = 'pending' OR remaining > 0
-       OR (status = 'active' AND (customer_ref, reference) IN (
+  AND (status IN ('pending', 'active')
+       OR (status = 'used' AND (customer_ref, reference) IN (
                SELECT * FROM unnest($2::text[], $3::text[]))))
 ORDER BY grant_id;
 
@@ -202,7 +202,7 @@ ORDER BY i.ord;
 -- Customers with a grant whose expiry or effective time has come and not been applied.
 SELECT customer_ref FROM (
     SELECT customer_ref FROM grants
-    WHERE expires_at <= now() AND expires_at IS NOT NULL AND (status = 'pending' OR remaining > 0)
+    WHERE expires_at <= now() AND expires_at IS NOT NULL AND status IN ('pending', 'active')
     UNION
     SELECT customer_ref FROM grants WHERE status = 'pending' AND effective_at <= now()
 ) due
