@@ -165,7 +165,11 @@ class UsageHandler:
         customer_refs = sorted({events[i].event.customer_ref for i in new})
         voids = [events[i].event for i in new if events[i].event_type == "credit_void"]
         void_targets = [(v.customer_ref, v.grant_reference) for v in voids]  # type: ignore[union-attr]
-        ledger = await load_ledger(conn, customer_refs, void_targets, exclude=set(new.values()))
+        # Only this batch's grants are left out of the load (the ledger adds each when its
+        # event comes): usage and void ids come from other sequences, and one equal to an
+        # open grant's id hid that grant from the batch, its usage going to overage instead.
+        new_grants = {new[i] for i in new if events[i].event_type == "credit_grant"}
+        ledger = await load_ledger(conn, customer_refs, void_targets, exclude=new_grants)
         dropped: list[int] = []
         for index in sorted(new):  # record order: per customer, the order it was produced in
             event, row_id = events[index].event, new[index]
