@@ -48,6 +48,8 @@ class ChargeEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     kind: ClassVar[EventKind] = "charge"
+    # The fields of dedup_key, by name: read from records not yet validated (workers/known.py).
+    dedup_fields: ClassVar[tuple[str, str]] = ("flow_id", "reference")
 
     type: Literal["charge"]
     flow_id: Identifier = Field(description="The flow charged; it must exist. " + PRINTABLE_RULE)
@@ -71,6 +73,7 @@ class UsageEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     kind: ClassVar[EventKind] = "usage"
+    dedup_fields: ClassVar[tuple[str, str]] = ("customer_ref", "reference")
 
     type: Literal["usage"]
     customer_ref: Identifier
@@ -93,6 +96,7 @@ class CreditGrantEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     kind: ClassVar[EventKind] = "credit_grant"
+    dedup_fields: ClassVar[tuple[str, str]] = ("customer_ref", "reference")
 
     type: Literal["credit_grant"]
     customer_ref: Identifier
@@ -140,6 +144,7 @@ class CreditVoidEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     kind: ClassVar[EventKind] = "credit_void"
+    dedup_fields: ClassVar[tuple[str, str]] = ("customer_ref", "reference")
 
     type: Literal["credit_void"]
     customer_ref: Identifier

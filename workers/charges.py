@@ -46,9 +46,10 @@ class ChargesHandler:
                     parsed.payload.decode(),
                     parsed.record.partition,
                     parsed.record.offset,
+                    parsed.raw_digest,
                 )
             )
-        rows = await conn.fetch(QUERIES["record_charges"], *as_columns(inputs, 11), self.topic)
+        rows = await conn.fetch(QUERIES["record_charges"], *as_columns(inputs, 12), self.topic)
         verdicts, raced = verdicts_from_rows(rows, events)
         # Neither recorded nor stored before: the flow refused it, or another transaction
         # committed the same key while this statement ran.

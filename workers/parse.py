@@ -27,6 +27,7 @@ class Parsed:
     event: InputEvent
     payload: bytes  # canonical JSON of the event as sent, stored with the event
     fingerprint: bytes  # sha256 of payload: equal fingerprints, same payload
+    raw_digest: bytes  # of the record value as it arrived, stored too (workers/known.py)
     occurred_at: datetime
     # The event's, read once here: dedupe and judge look at them several times per event.
     event_type: str
@@ -51,6 +52,12 @@ class Rejected:
     detail: str
     event_type: str = "unknown"
     conflict: Conflict | None = None
+
+
+def raw_digest(value: bytes) -> bytes:
+    """The digest stored with an event's dedup row, of the record value as it arrived:
+    blake2b in 16 bytes, ample to tell one record's bytes from another's."""
+    return hashlib.blake2b(value, digest_size=16).digest()
 
 
 def record_time(record: Record) -> datetime:
@@ -118,6 +125,7 @@ def parse_records(
                 event,
                 payload,
                 hashlib.sha256(payload).digest(),
+                raw_digest(value),
                 occurred_at,
                 event.type,
                 event.dedup_key,

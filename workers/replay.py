@@ -525,7 +525,10 @@ async def run_replay(
     stopping = stopping or asyncio.Event()
     metrics = Metrics()
     processor = BatchProcessor(
-        settings, build_handlers(settings, [handler_kind(settings, topic)]), metrics
+        settings,
+        build_handlers(settings, [handler_kind(settings, topic)]),
+        metrics,
+        probe_first=True,  # a replayed range is mostly recorded already
     )
     report = ReplayReport(topic=topic, dry_run=dry_run)
     started = time.monotonic()
@@ -614,8 +617,9 @@ class _DryRun:
 
     async def batch(self, records: list[Record]) -> BatchResult:
         prepared = self.processor.prepare(records)
-        self.customers |= _customers(prepared)
-        return await self.processor.apply(self.conn, prepared)
+        result = await self.processor.apply(self.conn, prepared)
+        self.customers |= _customers(prepared)  # once applied: a probed part is parsed then
+        return result
 
     async def changes(self) -> Changes:
         return await read_changes(self.conn, sorted(self.customers))
@@ -649,12 +653,13 @@ class _RealRun:
 
     async def batch(self, records: list[Record]) -> BatchResult:
         prepared = self.processor.prepare(records)
-        customers = sorted(_customers(prepared))
 
         async def attempt() -> tuple[BatchResult, Changes]:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(CUSTOM_PLANS)
                 result = await self.processor.apply(conn, prepared)
+                # Read once applied: a probed part is parsed then.
+                customers = sorted(_customers(prepared))
                 return result, await read_changes(conn, customers)
 
         result, changes = await retry_transient(

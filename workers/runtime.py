@@ -33,7 +33,8 @@ from aiokafka.errors import (
 
 from workers import db
 from workers.deadletters import record_dead_letters
-from workers.dedupe import Verdict, first_occurrences, judge
+from workers.dedupe import Outcome, Verdict, first_occurrences, judge
+from workers.known import LaneModes, known_records, peek
 from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
@@ -58,13 +59,25 @@ class Handler(Protocol):
         ...
 
 
-class Part(NamedTuple):
-    """One lane's share of a batch, parsed: what one transaction applies."""
+@dataclass(slots=True)
+class Part:
+    """One lane's share of a batch, parsed: what one transaction applies.
+
+    On a lane that probes for known records (``workers.known``) the records stay in
+    ``unparsed`` until the transaction has looked them up; those known are counted in
+    ``known`` by (topic, type), the others parsed. A retried transaction does not redo it.
+    """
 
     lane: tuple[str, int]  # (topic, partition modulo batch_lanes)
     handler: Handler
-    parsed: list[Parsed]
-    rejected: list[Rejected]
+    parsed: list[Parsed] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    unparsed: list[Record] | None = None
+    known: Counter[tuple[str, str]] = field(default_factory=Counter)
+    probed: bool = False  # prepared for probing (unparsed was set)
+
+    def __post_init__(self) -> None:
+        self.probed = self.unparsed is not None
 
 
 @dataclass
@@ -73,11 +86,13 @@ class BatchResult:
     counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     dead_letters: Counter[str] = field(default_factory=Counter)
     alerts: Counter[str] = field(default_factory=Counter)
+    known: int = 0  # duplicates recognised by digest, never parsed (workers.known)
     # Next offset to read per partition: what the consumer group may commit.
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
     def add(self, other: BatchResult) -> None:
         self.records += other.records
+        self.known += other.known
         self.counts.update(other.counts)
         self.dead_letters.update(other.dead_letters)
         self.alerts.update(other.alerts)
@@ -93,10 +108,19 @@ class BatchResult:
 class BatchProcessor:
     """One batch, one transaction: 1. parse, 2. dedupe, 3. apply, 4. dead-letter and emit."""
 
-    def __init__(self, settings: Settings, handlers: Sequence[Handler], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        handlers: Sequence[Handler],
+        metrics: Metrics,
+        *,
+        probe_first: bool = False,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.handlers = {handler.topic: handler for handler in handlers}
+        # probe_first: for replays, whose records are expected to be recorded already.
+        self.lane_modes = LaneModes(probe_first=probe_first)
 
     @property
     def topics(self) -> list[str]:
@@ -112,33 +136,88 @@ class BatchProcessor:
         parts = []
         for lane, lane_records in by_lane.items():
             handler = self.handlers[lane[0]]
-            parsed, rejected = parse_records(
-                lane_records,
-                accepted_types=handler.accepted_types,
-                max_event_bytes=self.settings.max_event_bytes,
-            )
+            if self.lane_modes.probing(lane):
+                parts.append(Part(lane, handler, unparsed=lane_records))
+                continue
+            parsed, rejected = self._parse(handler, lane_records)
             parts.append(Part(lane, handler, parsed, rejected))
         return parts
+
+    def _parse(
+        self, handler: Handler, records: list[Record]
+    ) -> tuple[list[Parsed], list[Rejected]]:
+        return parse_records(
+            records,
+            accepted_types=handler.accepted_types,
+            max_event_bytes=self.settings.max_event_bytes,
+        )
+
+    async def _sort_out_known(self, conn: Any, part: Part) -> None:
+        """Step 0 on a probing lane: count the known records, parse the others."""
+        assert part.unparsed is not None
+        records = part.unparsed
+        peeked = peek(
+            records,
+            accepted_types=part.handler.accepted_types,
+            max_event_bytes=self.settings.max_event_bytes,
+        )
+        known = await known_records(conn, peeked)
+        part.known = Counter(
+            (records[p.position].topic, p.event_type) for p in peeked if p.position in known
+        )
+        part.parsed, part.rejected = self._parse(
+            part.handler, [record for i, record in enumerate(records) if i not in known]
+        )
+        part.unparsed = None
 
     async def apply(self, conn: Any, parts: Sequence[Part]) -> BatchResult:
         """Steps 2-4 on ``conn``, inside a transaction the caller owns."""
         result = BatchResult()
         dead: list[Rejected] = []
+        observed: list[tuple[Part, int]] = []  # each part with its duplicates found by parsing
         for part in parts:
+            if part.unparsed is not None:
+                await self._sort_out_known(conn, part)
             firsts, repeats = first_occurrences(part.parsed)
             verdicts = await part.handler.apply(conn, firsts, result.alerts)
             judgement = judge(firsts, verdicts, repeats)
             result.counts.update(judgement.counts)
+            duplicates = 0
+            for (_, _, outcome), n in judgement.counts.items():
+                if outcome == _DUPLICATE:
+                    duplicates += n
+            for (topic, event_type), n in part.known.items():
+                result.counts[(topic, event_type, _DUPLICATE)] += n
             for invalid in part.rejected:
                 result.counts[
                     (invalid.record.topic, invalid.event_type, _invalid_outcome(invalid))
                 ] += 1
             dead += part.rejected
             dead += judgement.dead
+            observed.append((part, duplicates))
         result.dead_letters = await record_dead_letters(
             conn, dead, dlq_topic=self.settings.topic_dlq
         )
+        for part, duplicates in observed:
+            known = part.known.total()
+            result.known += known
+            self._observe_lane(part, duplicates=duplicates + known, known=known)
         return result
+
+    def _observe_lane(self, part: Part, *, duplicates: int, known: int) -> None:
+        records = len(part.parsed) + len(part.rejected) + known
+        change = self.lane_modes.observe(
+            part.lane, probed=part.probed, records=records, duplicates=duplicates, known=known
+        )
+        if change is not None:
+            # Why a lane's cost per record moved: its records were (or stopped being) re-reads.
+            log.info(
+                f"known_record_probe_{change}",
+                lane=f"{part.lane[0]}[partition % {self.settings.batch_lanes} = {part.lane[1]}]",
+                records=records,
+                duplicates=duplicates,
+                known=known,
+            )
 
     async def transact(
         self,
@@ -186,6 +265,9 @@ def tune_gc_for_batches() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+
+
+_DUPLICATE = Outcome.DUPLICATE.value
 
 
 def _invalid_outcome(rejected: Rejected) -> str:
@@ -433,6 +515,7 @@ class ConsumerLoop(WorkerLoop):
                 for (topic, partition), (lo, hi) in spans.items()
             },
             outcomes=dict(result.outcome_totals()),
+            known_duplicates=result.known,
             dead_letters=dict(result.dead_letters),
             alerts=dict(result.alerts),
             duration_ms=round(duration * 1000, 1),

@@ -99,9 +99,12 @@ class UsageHandler:
                     parsed.fingerprint,
                     parsed.record.partition,
                     parsed.record.offset,
+                    parsed.raw_digest,
                 )
             )
-        return await self._record(conn, "record_usage", "stored_usage", events, as_columns(rows, 9))
+        return await self._record(
+            conn, "record_usage", "stored_usage", events, as_columns(rows, 10)
+        )
 
     async def _record_grants(
         self, conn: Any, events: list[Parsed]
@@ -126,10 +129,11 @@ class UsageHandler:
                     parsed.payload.decode(),
                     parsed.record.partition,
                     parsed.record.offset,
+                    parsed.raw_digest,
                 )
             )
         return await self._record(
-            conn, "record_grants", "stored_grants", events, as_columns(rows, 14)
+            conn, "record_grants", "stored_grants", events, as_columns(rows, 15)
         )
 
     async def _record_voids(
@@ -149,9 +153,10 @@ class UsageHandler:
                     parsed.payload.decode(),
                     parsed.record.partition,
                     parsed.record.offset,
+                    parsed.raw_digest,
                 )
             )
-        return await self._record(conn, "record_voids", "stored_voids", events, as_columns(rows, 8))
+        return await self._record(conn, "record_voids", "stored_voids", events, as_columns(rows, 9))
 
     # --- 2-4. the ledger ------------------------------------------------------------------------
 

@@ -6,10 +6,11 @@
 WITH input AS (
     SELECT *
     FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-                $7::timestamptz[], $8::bytea[], $9::text[], $10::integer[], $11::bigint[])
+                $7::timestamptz[], $8::bytea[], $9::text[], $10::integer[], $11::bigint[],
+                $12::bytea[])
          WITH ORDINALITY
          AS t(flow_id, reference, customer_ref, amount, currency, metadata, occurred_at,
-              fingerprint, payload, source_partition, source_offset, ord)
+              fingerprint, payload, source_partition, source_offset, raw_digest, ord)
 ),
 flow AS (
     -- FOR SHARE: a concurrent `flows pause` waits for this batch instead of racing it.
@@ -20,10 +21,10 @@ flow AS (
 inserted AS (
     INSERT INTO charges (flow_id, reference, customer_ref, amount, currency, metadata,
                          occurred_at, fingerprint, payload, source_topic, source_partition,
-                         source_offset)
+                         source_offset, raw_digest)
     SELECT i.flow_id, i.reference, i.customer_ref, i.amount, i.currency, i.metadata::json,
-           i.occurred_at, i.fingerprint, i.payload::jsonb, $12::text, i.source_partition,
-           i.source_offset
+           i.occurred_at, i.fingerprint, i.payload::jsonb, $13::text, i.source_partition,
+           i.source_offset, i.raw_digest
     FROM input i
     JOIN flow f ON f.flow_id = i.flow_id AND f.status = 'active'
     ORDER BY i.ord

@@ -3,16 +3,17 @@
 WITH input AS (
     SELECT *
     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                $6::timestamptz[], $7::bytea[], $8::integer[], $9::bigint[])
+                $6::timestamptz[], $7::bytea[], $8::integer[], $9::bigint[], $10::bytea[])
          WITH ORDINALITY
          AS t(customer_ref, reference, tokens, feature, metadata, occurred_at, fingerprint,
-              source_partition, source_offset, ord)
+              source_partition, source_offset, raw_digest, ord)
 ),
 inserted AS (
     INSERT INTO usage_events (customer_ref, reference, tokens, feature, metadata, occurred_at,
-                              fingerprint, source_topic, source_partition, source_offset)
+                              fingerprint, source_topic, source_partition, source_offset,
+                              raw_digest)
     SELECT customer_ref, reference, tokens, feature, metadata::json, occurred_at, fingerprint,
-           $10::text, source_partition, source_offset
+           $11::text, source_partition, source_offset, raw_digest
     FROM input
     ORDER BY ord
     ON CONFLICT ON CONSTRAINT usage_events_dedup_key DO NOTHING
@@ -51,19 +52,19 @@ WITH input AS (
     SELECT *
     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::numeric[], $5::text[],
                 $6::timestamptz[], $7::timestamptz[], $8::integer[], $9::text[], $10::text[],
-                $11::bytea[], $12::text[], $13::integer[], $14::bigint[])
+                $11::bytea[], $12::text[], $13::integer[], $14::bigint[], $15::bytea[])
          WITH ORDINALITY
          AS t(customer_ref, reference, tokens, cost_basis, currency, effective_at, expires_at,
               priority, source, description, fingerprint, payload, source_partition,
-              source_offset, ord)
+              source_offset, raw_digest, ord)
 ),
 inserted AS (
     INSERT INTO grants (customer_ref, reference, tokens, cost_basis, currency, effective_at,
                         expires_at, priority, source, description, fingerprint, payload,
-                        source_topic, source_partition, source_offset)
+                        source_topic, source_partition, source_offset, raw_digest)
     SELECT customer_ref, reference, tokens, cost_basis, currency, effective_at, expires_at,
-           priority, source, description, fingerprint, payload::jsonb, $15::text,
-           source_partition, source_offset
+           priority, source, description, fingerprint, payload::jsonb, $16::text,
+           source_partition, source_offset, raw_digest
     FROM input
     ORDER BY ord
     ON CONFLICT ON CONSTRAINT grants_dedup_key DO NOTHING
@@ -95,16 +96,17 @@ JOIN unnest($1::text[], $2::text[]) AS k(customer_ref, reference)
 WITH input AS (
     SELECT *
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[],
-                $7::integer[], $8::bigint[])
+                $7::integer[], $8::bigint[], $9::bytea[])
          WITH ORDINALITY
          AS t(customer_ref, reference, grant_reference, reason, fingerprint, payload,
-              source_partition, source_offset, ord)
+              source_partition, source_offset, raw_digest, ord)
 ),
 inserted AS (
     INSERT INTO credit_voids (customer_ref, reference, grant_reference, reason, fingerprint,
-                              payload, source_topic, source_partition, source_offset)
+                              payload, source_topic, source_partition, source_offset,
+                              raw_digest)
     SELECT customer_ref, reference, grant_reference, reason, fingerprint, payload::jsonb,
-           $9::text, source_partition, source_offset
+           $10::text, source_partition, source_offset, raw_digest
     FROM input
     ORDER BY ord
     ON CONFLICT ON CONSTRAINT credit_voids_dedup_key DO NOTHING
