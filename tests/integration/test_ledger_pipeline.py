@@ -142,6 +142,31 @@ async def test_spending_a_grant_is_a_hot_update(settings: Settings) -> None:
     assert await balance(settings, "c1") == 990
 
 
+async def test_a_usage_event_writes_one_index_in_each_table(settings: Settings) -> None:
+    """The B-trees a usage event writes (0010): the dedup key of usage_events and the
+    customer sequence of ledger_entries, both primary keys; no identity-column index."""
+    await setup_pipeline(settings, partitions=1)
+    indexes = await fetch(
+        settings,
+        "SELECT tablename, indexname FROM pg_indexes "
+        "WHERE tablename IN ('usage_events', 'ledger_entries') ORDER BY 1, 2",
+    )
+    assert [tuple(row) for row in indexes] == [
+        ("ledger_entries", "ledger_entries_customer_seq"),
+        ("usage_events", "usage_events_dedup_key"),
+    ]
+    primary = await fetch(
+        settings,
+        "SELECT conrelid::regclass::text AS tablename, conname FROM pg_constraint "
+        "WHERE contype = 'p' AND conrelid IN ('usage_events'::regclass, "
+        "'ledger_entries'::regclass) ORDER BY 1",
+    )
+    assert [tuple(row) for row in primary] == [
+        ("ledger_entries", "ledger_entries_customer_seq"),
+        ("usage_events", "usage_events_dedup_key"),
+    ]
+
+
 async def test_replaying_the_usage_topic_changes_nothing(settings: Settings) -> None:
     await setup_pipeline(settings, partitions=2)
     events = [grant(f"c{n}", f"g{n}", 1_000) for n in range(10)]
