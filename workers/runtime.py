@@ -74,7 +74,7 @@ class Part:
     rejected: list[Rejected] = field(default_factory=list)
     unparsed: list[Record] | None = None
     known: Counter[tuple[str, str]] = field(default_factory=Counter)
-    probed: bool = False  # prepared for probing (unparsed was set)
+    probed: bool = field(init=False, default=False)  # prepared with unparsed records
 
     def __post_init__(self) -> None:
         self.probed = self.unparsed is not None
@@ -106,7 +106,8 @@ class BatchResult:
 
 
 class BatchProcessor:
-    """One batch, one transaction: 1. parse, 2. dedupe, 3. apply, 4. dead-letter and emit."""
+    """One batch, one transaction: 1. parse, 2. dedupe, 3. apply, 4. dead-letter and emit;
+    on a lane of mostly re-reads, 0. known records first (``workers.known``)."""
 
     def __init__(
         self,
