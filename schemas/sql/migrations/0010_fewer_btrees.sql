@@ -12,7 +12,8 @@
 -- customer and sequence), the identity columns stay as plain columns (the ledger's
 -- usage_id, grant_id and void_id still point at them), and the two partial indexes go.
 -- The constraint names the workers use (ON CONFLICT ON CONSTRAINT usage_events_dedup_key)
--- are kept.
+-- are kept. Both primary keys are built anew, holding each table's lock while they are:
+-- on a large database, migrate in a quiet window.
 ALTER TABLE usage_events DROP CONSTRAINT IF EXISTS usage_events_pkey;
 ALTER TABLE usage_events DROP CONSTRAINT IF EXISTS usage_events_dedup_key;
 ALTER TABLE usage_events ADD CONSTRAINT usage_events_dedup_key PRIMARY KEY (customer_ref, reference);
