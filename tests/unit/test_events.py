@@ -815,3 +815,10 @@ def test_dedup_keys() -> None:
     # Usage and grant references live in separate key spaces: the kind says which.
     kinds = {parse_event(event(base)).kind for base in BASES.values()}
     assert kinds == {"charge", "usage", "credit_grant", "credit_void"}
+
+
+def test_dedup_fields_name_the_fields_of_the_dedup_key() -> None:
+    """workers/known.py reads a record's dedup key by these names, before validation."""
+    for base in BASES.values():
+        parsed = parse_event(event(base, customer_ref="c", reference="r"))
+        assert tuple(getattr(parsed, name) for name in parsed.dedup_fields) == parsed.dedup_key
