@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 
 from schemas.events import ChargeEvent
-from workers.db import QUERIES, as_columns
-from workers.dedupe import Verdict, resolve_races, verdicts_from_rows
+from workers.db import QUERIES
+from workers.dedupe import Verdict, resolve_races, verdicts_from_report
 from workers.parse import Parsed
 
 
@@ -49,14 +49,16 @@ class ChargesHandler:
                     parsed.raw_digest,
                 )
             )
-        rows = await conn.fetch(QUERIES["record_charges"], *as_columns(inputs, 12), self.topic)
-        verdicts, raced = verdicts_from_rows(rows, events)
+        # One tuple per charge, in the field order of the charge_input row type.
+        report = await conn.fetchrow(QUERIES["record_charges"], inputs, self.topic)
+        verdicts, raced = verdicts_from_report(report, events)
+        flow_statuses = report["flow_statuses"]
         # Neither recorded nor stored before: the flow refused it, or another transaction
         # committed the same key while this statement ran.
         lost_race = []
         for index in raced:
             flow_id = events[index].event.flow_id  # type: ignore[union-attr]
-            status = rows[index]["flow_status"]
+            status = flow_statuses[index]
             if status is None:
                 verdicts[index] = Verdict(rejection=("unknown_flow", f"no flow {flow_id!r}"))
             elif status != "active":

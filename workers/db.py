@@ -116,10 +116,3 @@ async def migrate(dsn: str) -> list[str]:
 
 def record_to_dict(record: asyncpg.Record) -> dict[str, Any]:
     return dict(record.items())
-
-
-def as_columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Rows as ``width`` columns: the arguments of an ``unnest($1::t1[], $2::t2[], ...)``."""
-    if not rows:
-        return [[] for _ in range(width)]
-    return [list(column) for column in zip(*rows, strict=True)]

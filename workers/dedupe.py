@@ -142,24 +142,24 @@ def _same_or_conflict(parsed: Parsed, stored: Stored, dead: list[Rejected]) -> t
     return (parsed.record.topic, parsed.event_type, _CONFLICT)
 
 
-def verdicts_from_rows(
-    rows: list[Any], events: list[Parsed]
+def verdicts_from_report(
+    report: Any, events: list[Parsed]
 ) -> tuple[list[Verdict | None], list[int]]:
-    """Verdicts from the rows of a ``record_*`` statement (``new_id``/``inserted``,
-    ``stored_fingerprint``, ``stored_payload``), and the indexes that raced: keys another
-    transaction committed after the statement's snapshot, to be looked up once more.
+    """Verdicts from the report of a ``record_*`` statement (one row of arrays in event
+    order: ``new_ids``, ``stored_fingerprints``, ``stored_payloads``), and the indexes that
+    raced: keys another transaction committed after the statement's snapshot, to be looked
+    up once more.
 
     The statements send the stored payload only when it differs from the event's: for a
     duplicate (equal fingerprints) the event's own payload is the stored one."""
     verdicts: list[Verdict | None] = []
     raced: list[int] = []
-    for index, row in enumerate(rows):
-        if row["new_id"] is not None:
+    columns = (report["new_ids"], report["stored_fingerprints"], report["stored_payloads"])
+    for index, (new_id, fingerprint, stored_payload) in enumerate(zip(*columns, strict=True)):
+        if new_id is not None:
             verdicts.append(RECORDED)
-        elif (fingerprint := row["stored_fingerprint"]) is not None:
-            payload = row["stored_payload"]
-            if payload is None:
-                payload = events[index].payload
+        elif fingerprint is not None:
+            payload = events[index].payload if stored_payload is None else stored_payload
             verdicts.append(Verdict(stored=Stored(fingerprint, payload)))
         else:
             verdicts.append(None)

@@ -19,8 +19,8 @@ import orjson
 
 from schemas.events import CreditGrantEvent, CreditVoidEvent, UsageEvent
 from schemas.outputs import AlertCause, AlertEvent
-from workers.db import QUERIES, as_columns
-from workers.dedupe import Verdict, resolve_races, verdicts_from_rows
+from workers.db import QUERIES
+from workers.dedupe import Verdict, resolve_races, verdicts_from_report
 from workers.ledger import Alert, Customer, Entry, Grant, Ledger
 from workers.parse import Parsed
 
@@ -72,14 +72,20 @@ class UsageHandler:
     # --- 1. dedup rows ------------------------------------------------------------------------
 
     async def _record(
-        self, conn: Any, query: str, race_query: str, events: list[Parsed], columns: list[list[Any]]
+        self,
+        conn: Any,
+        query: str,
+        race_query: str,
+        events: list[Parsed],
+        rows: list[tuple[Any, ...]],
     ) -> tuple[list[Verdict | None], list[int | None]]:
-        rows = await conn.fetch(QUERIES[query], *columns, self.topic)
-        verdicts, raced = verdicts_from_rows(rows, events)
+        # rows: one tuple per event, in the field order of the statement's input row type.
+        report = await conn.fetchrow(QUERIES[query], rows, self.topic)
+        verdicts, raced = verdicts_from_report(report, events)
         if raced:
             keys = [parsed.dedup_key for parsed in events]
             await resolve_races(conn, QUERIES[race_query], keys, verdicts, raced)
-        return verdicts, [row["new_id"] for row in rows]
+        return verdicts, report["new_ids"]
 
     async def _record_usage(
         self, conn: Any, events: list[Parsed]
@@ -102,9 +108,7 @@ class UsageHandler:
                     parsed.raw_digest,
                 )
             )
-        return await self._record(
-            conn, "record_usage", "stored_usage", events, as_columns(rows, 10)
-        )
+        return await self._record(conn, "record_usage", "stored_usage", events, rows)
 
     async def _record_grants(
         self, conn: Any, events: list[Parsed]
@@ -132,9 +136,7 @@ class UsageHandler:
                     parsed.raw_digest,
                 )
             )
-        return await self._record(
-            conn, "record_grants", "stored_grants", events, as_columns(rows, 15)
-        )
+        return await self._record(conn, "record_grants", "stored_grants", events, rows)
 
     async def _record_voids(
         self, conn: Any, events: list[Parsed]
@@ -156,7 +158,7 @@ class UsageHandler:
                     parsed.raw_digest,
                 )
             )
-        return await self._record(conn, "record_voids", "stored_voids", events, as_columns(rows, 9))
+        return await self._record(conn, "record_voids", "stored_voids", events, rows)
 
     # --- 2-4. the ledger ------------------------------------------------------------------------
 

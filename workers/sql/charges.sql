@@ -2,13 +2,11 @@
 -- One statement per batch: check flows, insert what is new, and report for every input
 -- row what Postgres held before. The final SELECT reads the statement's snapshot, so
 -- `existing` holds only rows committed before this batch: the rows just inserted are
--- told apart through `inserted`.
+-- told apart through `inserted`. The report is one row of arrays in input order: asyncpg
+-- decodes an array in C, where a row per event cost a Record and its lookups in Python.
 WITH input AS (
     SELECT *
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-                $7::timestamptz[], $8::bytea[], $9::text[], $10::integer[], $11::bigint[],
-                $12::bytea[])
-         WITH ORDINALITY
+    FROM unnest($1::charge_input[]) WITH ORDINALITY
          AS t(flow_id, reference, customer_ref, amount, currency, metadata, occurred_at,
               fingerprint, payload, source_partition, source_offset, raw_digest, ord)
 ),
@@ -23,7 +21,7 @@ inserted AS (
                          occurred_at, fingerprint, payload, source_topic, source_partition,
                          source_offset, raw_digest)
     SELECT i.flow_id, i.reference, i.customer_ref, i.amount, i.currency, i.metadata::json,
-           i.occurred_at, i.fingerprint, i.payload::jsonb, $13::text, i.source_partition,
+           i.occurred_at, i.fingerprint, i.payload::jsonb, $2::text, i.source_partition,
            i.source_offset, i.raw_digest
     FROM input i
     JOIN flow f ON f.flow_id = i.flow_id AND f.status = 'active'
@@ -31,13 +29,12 @@ inserted AS (
     ON CONFLICT ON CONSTRAINT charges_dedup_key DO NOTHING
     RETURNING charge_id AS new_id, flow_id, reference
 )
-SELECT i.ord,
-       f.status AS flow_status,
-       ins.new_id,
-       existing.fingerprint AS stored_fingerprint,
+SELECT array_agg(f.status ORDER BY i.ord) AS flow_statuses,
+       array_agg(ins.new_id ORDER BY i.ord) AS new_ids,
+       array_agg(existing.fingerprint ORDER BY i.ord) AS stored_fingerprints,
        -- The stored payload only where it differs (a conflict): a duplicate's is its own.
-       CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
-           AS stored_payload
+       array_agg(CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
+                 ORDER BY i.ord) AS stored_payloads
 FROM input i
 LEFT JOIN flow f ON f.flow_id = i.flow_id
 LEFT JOIN inserted ins ON ins.flow_id = i.flow_id AND ins.reference = i.reference
@@ -49,8 +46,7 @@ LEFT JOIN LATERAL (
     WHERE ins.new_id IS NULL
       AND e.flow_id = i.flow_id AND e.reference = i.reference
     LIMIT 1
-) existing ON true
-ORDER BY i.ord;
+) existing ON true;
 
 -- name: stored_charges
 -- The rare second look: keys another transaction inserted while this batch was running.

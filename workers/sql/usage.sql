@@ -2,9 +2,7 @@
 -- Dedup rows for usage events, set-wise; reports what was stored before (see charges.sql).
 WITH input AS (
     SELECT *
-    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                $6::timestamptz[], $7::bytea[], $8::integer[], $9::bigint[], $10::bytea[])
-         WITH ORDINALITY
+    FROM unnest($1::usage_input[]) WITH ORDINALITY
          AS t(customer_ref, reference, tokens, feature, metadata, occurred_at, fingerprint,
               source_partition, source_offset, raw_digest, ord)
 ),
@@ -13,19 +11,22 @@ inserted AS (
                               fingerprint, source_topic, source_partition, source_offset,
                               raw_digest)
     SELECT customer_ref, reference, tokens, feature, metadata::json, occurred_at, fingerprint,
-           $11::text, source_partition, source_offset, raw_digest
+           $2::text, source_partition, source_offset, raw_digest
     FROM input
     ORDER BY ord
     ON CONFLICT ON CONSTRAINT usage_events_dedup_key DO NOTHING
     RETURNING usage_id AS new_id, customer_ref, reference
 )
-SELECT i.ord, ins.new_id, existing.fingerprint AS stored_fingerprint,
+SELECT array_agg(ins.new_id ORDER BY i.ord) AS new_ids,
+       array_agg(existing.fingerprint ORDER BY i.ord) AS stored_fingerprints,
        -- The stored payload only where it differs (a conflict): a duplicate's is its own.
-       CASE WHEN existing.fingerprint <> i.fingerprint THEN jsonb_strip_nulls(jsonb_build_object(
-           'type', 'usage', 'customer_ref', existing.customer_ref,
-           'reference', existing.reference, 'tokens', existing.tokens,
-           'feature', existing.feature, 'metadata', existing.metadata::jsonb,
-           'occurred_at', existing.occurred_at))::text END AS stored_payload
+       array_agg(CASE WHEN existing.fingerprint <> i.fingerprint THEN jsonb_strip_nulls(
+           jsonb_build_object(
+               'type', 'usage', 'customer_ref', existing.customer_ref,
+               'reference', existing.reference, 'tokens', existing.tokens,
+               'feature', existing.feature, 'metadata', existing.metadata::jsonb,
+               'occurred_at', existing.occurred_at))::text END ORDER BY i.ord)
+           AS stored_payloads
 FROM input i
 LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
 -- An index probe for each row not inserted, to tell a duplicate from a conflict (the
@@ -36,8 +37,7 @@ LEFT JOIN LATERAL (
     WHERE ins.new_id IS NULL
       AND e.customer_ref = i.customer_ref AND e.reference = i.reference
     LIMIT 1
-) existing ON true
-ORDER BY i.ord;
+) existing ON true;
 
 -- name: stored_usage
 SELECT u.customer_ref, u.reference, u.fingerprint,
@@ -50,10 +50,7 @@ JOIN unnest($1::text[], $2::text[]) AS k(customer_ref, reference)
 -- name: record_grants
 WITH input AS (
     SELECT *
-    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::numeric[], $5::text[],
-                $6::timestamptz[], $7::timestamptz[], $8::integer[], $9::text[], $10::text[],
-                $11::bytea[], $12::text[], $13::integer[], $14::bigint[], $15::bytea[])
-         WITH ORDINALITY
+    FROM unnest($1::grant_input[]) WITH ORDINALITY
          AS t(customer_ref, reference, tokens, cost_basis, currency, effective_at, expires_at,
               priority, source, description, fingerprint, payload, source_partition,
               source_offset, raw_digest, ord)
@@ -63,16 +60,17 @@ inserted AS (
                         expires_at, priority, source, description, fingerprint, payload,
                         source_topic, source_partition, source_offset, raw_digest)
     SELECT customer_ref, reference, tokens, cost_basis, currency, effective_at, expires_at,
-           priority, source, description, fingerprint, payload::jsonb, $16::text,
+           priority, source, description, fingerprint, payload::jsonb, $2::text,
            source_partition, source_offset, raw_digest
     FROM input
     ORDER BY ord
     ON CONFLICT ON CONSTRAINT grants_dedup_key DO NOTHING
     RETURNING grant_id AS new_id, customer_ref, reference
 )
-SELECT i.ord, ins.new_id, existing.fingerprint AS stored_fingerprint,
-       CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
-           AS stored_payload
+SELECT array_agg(ins.new_id ORDER BY i.ord) AS new_ids,
+       array_agg(existing.fingerprint ORDER BY i.ord) AS stored_fingerprints,
+       array_agg(CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
+                 ORDER BY i.ord) AS stored_payloads
 FROM input i
 LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
 -- An index probe for each row not inserted, to tell a duplicate from a conflict (the
@@ -83,8 +81,7 @@ LEFT JOIN LATERAL (
     WHERE ins.new_id IS NULL
       AND e.customer_ref = i.customer_ref AND e.reference = i.reference
     LIMIT 1
-) existing ON true
-ORDER BY i.ord;
+) existing ON true;
 
 -- name: stored_grants
 SELECT g.customer_ref, g.reference, g.fingerprint, g.payload::text AS payload
@@ -95,9 +92,7 @@ JOIN unnest($1::text[], $2::text[]) AS k(customer_ref, reference)
 -- name: record_voids
 WITH input AS (
     SELECT *
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[],
-                $7::integer[], $8::bigint[], $9::bytea[])
-         WITH ORDINALITY
+    FROM unnest($1::void_input[]) WITH ORDINALITY
          AS t(customer_ref, reference, grant_reference, reason, fingerprint, payload,
               source_partition, source_offset, raw_digest, ord)
 ),
@@ -106,15 +101,16 @@ inserted AS (
                               payload, source_topic, source_partition, source_offset,
                               raw_digest)
     SELECT customer_ref, reference, grant_reference, reason, fingerprint, payload::jsonb,
-           $10::text, source_partition, source_offset, raw_digest
+           $2::text, source_partition, source_offset, raw_digest
     FROM input
     ORDER BY ord
     ON CONFLICT ON CONSTRAINT credit_voids_dedup_key DO NOTHING
     RETURNING void_id AS new_id, customer_ref, reference
 )
-SELECT i.ord, ins.new_id, existing.fingerprint AS stored_fingerprint,
-       CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
-           AS stored_payload
+SELECT array_agg(ins.new_id ORDER BY i.ord) AS new_ids,
+       array_agg(existing.fingerprint ORDER BY i.ord) AS stored_fingerprints,
+       array_agg(CASE WHEN existing.fingerprint <> i.fingerprint THEN existing.payload::text END
+                 ORDER BY i.ord) AS stored_payloads
 FROM input i
 LEFT JOIN inserted ins ON ins.customer_ref = i.customer_ref AND ins.reference = i.reference
 -- An index probe for each row not inserted, to tell a duplicate from a conflict (the
@@ -125,8 +121,7 @@ LEFT JOIN LATERAL (
     WHERE ins.new_id IS NULL
       AND e.customer_ref = i.customer_ref AND e.reference = i.reference
     LIMIT 1
-) existing ON true
-ORDER BY i.ord;
+) existing ON true;
 
 -- name: stored_voids
 SELECT v.customer_ref, v.reference, v.fingerprint, v.payload::text AS payload
