@@ -494,6 +494,34 @@ def server_cpu_seconds() -> dict[str, float]:
     return totals
 
 
+def cpu_seconds_by_process(worker: WorkerRun) -> dict[str, float]:
+    """CPU seconds used so far by the worker, the local servers, this process (which
+    generates the fixed-rate load) and, as ``machine_busy`` and ``machine``, the whole
+    machine (busy and all time, summed over its CPUs)."""
+    own = psutil.Process().cpu_times()
+    machine = psutil.cpu_times()
+    return {
+        "worker": worker.cpu_seconds(),
+        **server_cpu_seconds(),
+        "load_generator": own.user + own.system,
+        "machine_busy": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0),
+        "machine": sum(machine),
+    }
+
+
+def cpu_cores_between(
+    before: dict[str, float], after: dict[str, float], seconds: float
+) -> dict[str, float]:
+    """Cores each process kept busy between two ``cpu_seconds_by_process`` readings, and
+    the share of the machine's CPU time that was busy (``machine_busy_pct``)."""
+    spent = {name: after[name] - before[name] for name in before}
+    machine = spent.pop("machine")
+    busy = spent.pop("machine_busy")
+    cores = {name: value / seconds for name, value in spent.items()} if seconds > 0 else {}
+    cores["machine_busy_pct"] = 100 * busy / machine if machine > 0 else 0.0
+    return cores
+
+
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float:
     """Prometheus's histogram_quantile over cumulative buckets: linear within a bucket."""
     bounds = sorted(buckets)
@@ -554,9 +582,10 @@ async def fixed_rate(
     run: str,
     already: int,
     customers: int,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The mixed load at ``rate`` records/s for ``seconds``, with depletions threaded
-    through. Returns p50/p99 end-to-end latency and the p99 alert latency, in ms."""
+    through. Returns p50/p99 end-to-end latency and the p99 alert latency, in ms, the rate
+    sent and the CPU each process used meanwhile."""
     before = (await worker.metrics())["lag_buckets"]
     producer = make_producer(settings, client_id="chargeline-bench-rate")
     await producer.start()
@@ -564,6 +593,7 @@ async def fixed_rate(
     rng = random.Random(7)  # noqa: S311 -- benchmark data, not secrets
     pending: list[tuple[str | None, Any]] = []  # (depleting reference or None, ack future)
     count = 0
+    cpu_before = cpu_seconds_by_process(worker)
     try:
         started = time.monotonic()
         n = 0
@@ -576,6 +606,9 @@ async def fixed_rate(
                 n += 1
                 count += 1
             await asyncio.sleep(0.002)
+        sending_s = time.monotonic() - started
+        # Where the machine's CPU went while the load ran: the producer shares it too.
+        cpu = cpu_cores_between(cpu_before, cpu_seconds_by_process(worker), sending_s)
         acks = await asyncio.gather(*(future for _, future in pending))
     finally:
         await producer.stop()
@@ -615,6 +648,9 @@ async def fixed_rate(
             else float("nan")
         ),
         "alerts_measured": float(len(alert_latencies)),
+        "fixed_rate_eps": count / sending_s,
+        "fixed_rate_machine_busy_pct": cpu.pop("machine_busy_pct"),
+        "fixed_rate_cpu_cores": cpu,
     }
 
 
@@ -762,6 +798,22 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
     return results
 
 
+def _half_capacity_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """What the machine did during the fixed-rate load: the latency figures' context."""
+    if "fixed_rate_cpu_cores" not in results:
+        return []  # the phase timed out
+    cores = results["fixed_rate_cpu_cores"]
+    return [
+        ("  rate sent (events/s)", results["fixed_rate_eps"], "half the throughput"),
+        ("  machine CPU busy (%)", results["fixed_rate_machine_busy_pct"], "while it was sent"),
+        *(
+            (f"  {name.replace('_', ' ')} (cores)", cores[name], "while it was sent")
+            for name in ("worker", "postgres", "broker", "load_generator")
+            if name in cores
+        ),
+    ]
+
+
 def show(results: dict[str, Any]) -> None:
     table = Table(title=f"chargeline bench: {results['events']:,} events")
     table.add_column("figure")
@@ -778,6 +830,7 @@ def show(results: dict[str, Any]) -> None:
         ("latency p50 (ms) at half capacity", results["latency_p50_ms"], ""),
         ("latency p99 (ms) at half capacity", results["latency_p99_ms"], "< 500"),
         ("alert latency p99 (ms)", results["alert_latency_p99_ms"], "< 1,000"),
+        *_half_capacity_rows(results),
         ("replay, all duplicates (events/s)", results["replay_eps"], ">= 60,000"),
         ("worker peak RSS (MiB)", results["worker_peak_rss_mib"], "< 256"),
         ("CPU s per 1,000 events", results["cpu_s_per_1k_events"], "the worker"),

@@ -45,4 +45,9 @@ def test_bench_runs_every_phase_and_writes_the_figures(settings: Settings, tmp_p
     # The machine's speed that day, to scale figures of runs on different days by.
     assert figures["machine"]["python_loop_s"] > 0
     assert 0 <= figures["drain_cpu_steal_pct"] <= 100
+    # Where the CPU went while the fixed-rate load was sent: the latency figures' context.
+    assert figures["fixed_rate_eps"] > 0
+    assert 0 < figures["fixed_rate_machine_busy_pct"] <= 100
+    cores = figures["fixed_rate_cpu_cores"]
+    assert cores["worker"] > 0 and cores["load_generator"] > 0 and cores["postgres"] > 0
     assert "throughput / naive" in done.stdout
