@@ -227,8 +227,12 @@ async def load_ledger(
     exclude: set[int] | None = None,
 ) -> Ledger:
     """Lock ``customer_refs`` (creating the missing) and load them with their open grants."""
-    await conn.execute(QUERIES["ensure_customers"], list(customer_refs))
-    rows = await conn.fetch(QUERIES["load_customers"], list(customer_refs))
+    refs = list(customer_refs)
+    rows = await conn.fetch(QUERIES["lock_customers"], refs)
+    if len(rows) < len(set(refs)):
+        # Created by another transaction while the statement waited: lock them now.
+        found = {row["customer_ref"] for row in rows}
+        rows += await conn.fetch(QUERIES["load_customers"], [r for r in refs if r not in found])
     now = rows[0]["now"]
     customers = {
         row["customer_ref"]: Customer(

@@ -1,9 +1,10 @@
-"""Two transactions recording the same dedup key at once, on a real Postgres.
+"""Two transactions writing the same key at once, on a real Postgres.
 
 The record_* statements tell a duplicate from a conflict by what their snapshot holds. A key
 that another transaction commits while the statement waits on it is in neither the rows the
 statement inserted nor its snapshot: the handler looks such keys up once more
 (``resolve_races``), and the event is judged against what won, as any later copy would be.
+The same holds for a customer that two batches create at once (``lock_customers``).
 """
 
 from __future__ import annotations
@@ -123,3 +124,22 @@ async def test_a_charge_key_committed_while_the_statement_waits_is_judged_agains
     assert not second_verdict.recorded
     assert outcome(second_events, second_verdict) == expected
     assert await fetchval(settings, "SELECT count(*) FROM charges") == 1
+
+
+async def test_a_customer_created_by_another_transaction_meanwhile_is_locked_and_charged(
+    settings: Settings,
+) -> None:
+    """The second batch's usage is new, but its customer is being created by the first:
+    the statement that creates and locks customers waits, finds it in neither its inserts
+    nor its snapshot, and the customer is locked and charged after the first's usage."""
+    handler = UsageHandler(settings.topic_usage, settings.topic_alerts)
+    first_verdict, second_verdict, _ = await race(
+        settings, handler, usage("c1", "u1", 30), usage("c1", "u2", 20)
+    )
+    assert first_verdict.recorded and second_verdict.recorded
+    assert await fetchval(settings, "SELECT balance FROM customers") == -50
+    assert await fetchval(settings, "SELECT ledger_seq FROM customers") == 2
+    seqs = await fetchval(
+        settings, "SELECT array_agg(seq ORDER BY seq) FROM ledger_entries WHERE customer_ref = 'c1'"
+    )
+    assert seqs == [1, 2]

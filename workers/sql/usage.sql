@@ -133,12 +133,34 @@ JOIN unnest($1::text[], $2::text[]) AS k(customer_ref, reference)
 -- Voids of unknown grants are dead letters, not ledger events: their dedup rows go.
 DELETE FROM credit_voids WHERE void_id = ANY($1::bigint[]);
 
--- name: ensure_customers
--- Sorted, like every lock taken on customers, so that two transactions touching the same
--- customers cannot deadlock.
-INSERT INTO customers (customer_ref)
-SELECT DISTINCT customer_ref FROM unnest($1::text[]) AS t(customer_ref) ORDER BY 1
-ON CONFLICT (customer_ref) DO NOTHING;
+-- name: lock_customers
+-- Create the missing customers and lock the others, returning all of them, in one round
+-- trip. Sorted, like every lock taken on customers, so that two transactions touching the
+-- same customers cannot deadlock. The parts cannot see each other's rows (one snapshot):
+-- the new ones come from `created`, the others from `existing`. A customer that another
+-- transaction creates while this statement waits for it is in neither (ON CONFLICT skipped
+-- it, the snapshot predates it): the caller locks those with load_customers.
+WITH wanted AS (
+    SELECT DISTINCT customer_ref FROM unnest($1::text[]) AS t(customer_ref)
+),
+created AS (
+    INSERT INTO customers (customer_ref)
+    SELECT customer_ref FROM wanted ORDER BY 1
+    ON CONFLICT (customer_ref) DO NOTHING
+    RETURNING customer_ref, balance, overage, ledger_seq, low_balance_threshold,
+              CASE WHEN auto_reload_enabled THEN reload_threshold END AS reload_threshold
+),
+existing AS (
+    SELECT c.customer_ref, c.balance, c.overage, c.ledger_seq, c.low_balance_threshold,
+           CASE WHEN c.auto_reload_enabled THEN c.reload_threshold END AS reload_threshold
+    FROM customers c
+    WHERE c.customer_ref = ANY($1::text[])
+    ORDER BY c.customer_ref
+    FOR UPDATE
+)
+SELECT *, now() AS now FROM created
+UNION ALL
+SELECT *, now() AS now FROM existing;
 
 -- name: load_customers
 SELECT c.customer_ref, c.balance, c.overage, c.ledger_seq, c.low_balance_threshold,
