@@ -119,6 +119,12 @@ class LaneModes:
     def probing(self, lane: Hashable) -> bool:
         return self._probing.get(lane, self.probe_first)
 
+    def expect_known(self, lane: Hashable) -> None:
+        """Probe the lane's next batch, unless its batches already set its mode: it reads a
+        partition from the start for a consumer group new to it (a backfill by a new group,
+        or a first deployment, whose first probe finds nothing and stops)."""
+        self._probing.setdefault(lane, True)
+
     def observe(
         self, lane: Hashable, *, probed: bool, records: int, duplicates: int, known: int
     ) -> str | None:

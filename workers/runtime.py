@@ -299,6 +299,7 @@ def next_offsets(
 
 
 _TRANSIENT_KAFKA = (KafkaConnectionError, asyncio.TimeoutError)
+COMMITTED_OFFSETS_TIMEOUT_S = 5.0
 
 
 def kafka_is_transient(exc: BaseException) -> bool:
@@ -551,7 +552,32 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
                     self.loop.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info("partitions_assigned", worker=self.loop.name, partitions=_names(assigned))
+        fresh = await self._without_committed_offsets(assigned)
+        lanes = self.loop.settings.batch_lanes
+        for tp in fresh:
+            self.loop.processor.lane_modes.expect_known((tp.topic, tp.partition % lanes))
+        log.info(
+            "partitions_assigned",
+            worker=self.loop.name,
+            partitions=_names(assigned),
+            without_committed_offsets=_names(fresh),
+        )
+
+    async def _without_committed_offsets(
+        self, assigned: set[TopicPartition]
+    ) -> set[TopicPartition]:
+        # Read from their start by this group: a re-read of what Postgres holds, if anything
+        # (workers/known.py). Only a hint: when the coordinator cannot say in time (aiokafka
+        # retries without end while the broker is away), the lanes learn their mode from
+        # their batches as before.
+        async def fresh() -> set[TopicPartition]:
+            return {tp for tp in assigned if await self.loop.consumer.committed(tp) is None}
+
+        try:
+            return await asyncio.wait_for(fresh(), timeout=COMMITTED_OFFSETS_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("committed_offsets_unknown", worker=self.loop.name, error=repr(exc))
+            return set()
 
 
 def _names(partitions: set[TopicPartition]) -> list[str]:

@@ -17,10 +17,13 @@ from tests.support import (
     consume_all,
     fetch,
     grant,
+    ingest_done,
     produce,
     record,
+    running_worker,
     setup_pipeline,
     usage,
+    wait_for,
 )
 from workers.app import build_handlers
 from workers.db import create_pool
@@ -128,3 +131,27 @@ async def test_rows_without_a_digest_are_judged_by_fingerprint(settings: Setting
     assert [parsed.event.reference for part in parts for parsed in part.parsed] == ["r0"]
     assert outcomes(result) == {("charge", "duplicate"): 3}
     assert result.dead_letters == {}
+
+
+async def test_a_new_consumer_group_looks_records_up_from_its_first_batch(
+    settings: Settings,
+) -> None:
+    """Partitions a group has never committed on are read from their start: a backfill by
+    a new group probes its first batch (no batch of re-reads parsed in full to learn it),
+    and a group whose records are new stops probing after one lookup that found nothing."""
+    await setup_pipeline(settings, partitions=2)
+    records = [record(usage(f"c{n % 5}", f"u{n}", 1)) for n in range(200)]
+    await produce(settings, settings.topic_usage, records)
+    async with running_worker(settings, "usage") as first:
+        await wait_for(lambda: ingest_done(first, len(records)), what="the first group")
+    assert first.ingest is not None
+    assert first.ingest.totals.outcome_totals() == {"recorded": 200}
+    assert first.ingest.totals.known == 0
+
+    backfill = settings.model_copy(update={"consumer_group": f"{settings.consumer_group}-b"})
+    async with running_worker(backfill, "usage") as second:
+        await wait_for(lambda: ingest_done(second, len(records)), what="the backfill")
+    assert second.ingest is not None
+    assert second.ingest.totals.outcome_totals() == {"duplicate": 200}
+    assert second.ingest.totals.known == 200  # none parsed
+    await assert_invariants(settings)

@@ -113,3 +113,12 @@ def test_a_replay_probes_from_its_first_batch() -> None:
     assert modes.probing(lane)
     assert modes.observe(lane, probed=True, records=0, duplicates=0, known=0) is None
     assert modes.observe(lane, probed=True, records=4, duplicates=0, known=0) == "stopped"
+
+
+def test_a_lane_expected_to_hold_known_records_probes_until_its_batches_say_otherwise() -> None:
+    modes = LaneModes()
+    modes.expect_known("fresh")
+    assert modes.probing("fresh") and not modes.probing("other")
+    assert modes.observe("fresh", probed=True, records=10, duplicates=0, known=0) == "stopped"
+    modes.expect_known("fresh")  # reassigned: what its batches taught it stands
+    assert not modes.probing("fresh")
