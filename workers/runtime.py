@@ -163,9 +163,8 @@ class BatchProcessor:
             max_event_bytes=self.settings.max_event_bytes,
         )
         known = await known_records(conn, peeked)
-        part.known = Counter(
-            (records[p.position].topic, p.event_type) for p in peeked if p.position in known
-        )
+        topic = part.lane[0]  # a lane reads one topic
+        part.known = Counter((topic, p["t"]) for p in peeked if p["i"] in known)
         part.parsed, part.rejected = self._parse(
             part.handler, [record for i, record in enumerate(records) if i not in known]
         )
