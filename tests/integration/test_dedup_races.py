@@ -80,8 +80,14 @@ async def race(
             await conn.close()
 
 
-def outcome(events: list[Parsed], verdict: Verdict) -> str:
-    [(_, _, name)] = judge(events, [verdict], []).counts
+async def outcome_of_the_second(
+    settings: Settings, handler: Handler, first: dict[str, Any], second: dict[str, Any]
+) -> str:
+    """Race two events of one key: the first is recorded, the second not, and judged so."""
+    first_verdict, second_verdict, second_events = await race(settings, handler, first, second)
+    assert first_verdict.recorded
+    assert not second_verdict.recorded
+    [(_, _, name)] = judge(second_events, [second_verdict], []).counts
     return name
 
 
@@ -98,10 +104,7 @@ async def test_a_usage_key_committed_while_the_statement_waits_is_judged_against
     settings: Settings, second: dict[str, Any], expected: str
 ) -> None:
     handler = UsageHandler(settings.topic_usage, settings.topic_alerts)
-    first_verdict, second_verdict, second_events = await race(settings, handler, SAME_USAGE, second)
-    assert first_verdict.recorded
-    assert not second_verdict.recorded
-    assert outcome(second_events, second_verdict) == expected
+    assert await outcome_of_the_second(settings, handler, SAME_USAGE, second) == expected
     assert await fetchval(settings, "SELECT count(*) FROM usage_events") == 1
     assert await fetchval(settings, "SELECT count(*) FROM ledger_entries") == 1
     assert await fetchval(settings, "SELECT balance FROM customers") == -30
@@ -117,12 +120,7 @@ async def test_a_charge_key_committed_while_the_statement_waits_is_judged_agains
 ) -> None:
     await create_flows(settings, [("flow_a", "payee")])
     handler = ChargesHandler(settings.topic_charges)
-    first_verdict, second_verdict, second_events = await race(
-        settings, handler, SAME_CHARGE, second
-    )
-    assert first_verdict.recorded
-    assert not second_verdict.recorded
-    assert outcome(second_events, second_verdict) == expected
+    assert await outcome_of_the_second(settings, handler, SAME_CHARGE, second) == expected
     assert await fetchval(settings, "SELECT count(*) FROM charges") == 1
 
 
