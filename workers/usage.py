@@ -230,9 +230,10 @@ async def load_ledger(
     refs = list(customer_refs)
     rows = await conn.fetch(QUERIES["lock_customers"], refs)
     if len(rows) < len(set(refs)):
-        # Created by another transaction while the statement waited: lock them now.
+        # Created by another transaction while the statement waited: committed now, so the
+        # same statement, with a snapshot of its own, finds and locks them.
         found = {row["customer_ref"] for row in rows}
-        rows += await conn.fetch(QUERIES["load_customers"], [r for r in refs if r not in found])
+        rows += await conn.fetch(QUERIES["lock_customers"], [r for r in refs if r not in found])
     now = rows[0]["now"]
     customers = {
         row["customer_ref"]: Customer(

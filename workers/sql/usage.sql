@@ -139,7 +139,8 @@ DELETE FROM credit_voids WHERE void_id = ANY($1::bigint[]);
 -- same customers cannot deadlock. The parts cannot see each other's rows (one snapshot):
 -- the new ones come from `created`, the others from `existing`. A customer that another
 -- transaction creates while this statement waits for it is in neither (ON CONFLICT skipped
--- it, the snapshot predates it): the caller locks those with load_customers.
+-- it, the snapshot predates it): the caller runs the statement again for those, whose
+-- fresh snapshot holds them committed.
 WITH wanted AS (
     SELECT DISTINCT customer_ref FROM unnest($1::text[]) AS t(customer_ref)
 ),
@@ -161,15 +162,6 @@ existing AS (
 SELECT *, now() AS now FROM created
 UNION ALL
 SELECT *, now() AS now FROM existing;
-
--- name: load_customers
-SELECT c.customer_ref, c.balance, c.overage, c.ledger_seq, c.low_balance_threshold,
-       CASE WHEN c.auto_reload_enabled THEN c.reload_threshold END AS reload_threshold,
-       now() AS now
-FROM customers c
-WHERE c.customer_ref = ANY($1::text[])
-ORDER BY c.customer_ref
-FOR UPDATE;
 
 -- name: load_open_grants
 SELECT grant_id, customer_ref, reference, tokens, remaining, effective_at, expires_at,
