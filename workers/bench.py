@@ -467,17 +467,6 @@ def python_loop_seconds(iterations: int = 5_000_000) -> float:
     return best
 
 
-def cpu_steal_ticks() -> tuple[int, int]:
-    """(steal, total) CPU ticks of the whole machine so far, from /proc/stat; (0, 0) where
-    there is none. Steal is time the hypervisor gave this VM's CPUs to someone else."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-    except (OSError, ValueError):
-        return (0, 0)
-    return (fields[7] if len(fields) > 7 else 0, sum(fields[:8]))
-
-
 def server_cpu_seconds() -> dict[str, float]:
     """CPU seconds used so far by the local Postgres and broker processes (all of them)."""
     totals = {"postgres": 0.0, "broker": 0.0}
@@ -496,19 +485,37 @@ def server_cpu_seconds() -> dict[str, float]:
     return totals
 
 
+MACHINE_TIMES = ("machine", "machine_busy", "machine_steal")
+
+
 def cpu_seconds_by_process(worker: WorkerRun) -> dict[str, float]:
     """CPU seconds used so far by the worker, the local servers, this process (which
-    generates the fixed-rate load) and, as ``machine_busy`` and ``machine``, the whole
-    machine (busy and all time, summed over its CPUs)."""
+    generates the fixed-rate load) and the whole machine, summed over its CPUs: all its time
+    (``machine``), the busy part, and the part stolen (the hypervisor gave this VM's CPUs
+    to someone else)."""
     own = psutil.Process().cpu_times()
     machine = psutil.cpu_times()
+    # guest time is counted in user time already (Linux); the other fields are not there
+    # on every platform.
+    total = sum(machine) - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)
     return {
         "worker": worker.cpu_seconds(),
         **server_cpu_seconds(),
         "load_generator": own.user + own.system,
-        "machine_busy": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0),
-        "machine": sum(machine),
+        "machine": total,
+        "machine_busy": total - machine.idle - getattr(machine, "iowait", 0.0),
+        "machine_steal": getattr(machine, "steal", 0.0),
     }
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds used between two ``cpu_seconds_by_process`` readings."""
+    return {name: after[name] - before[name] for name in before}
+
+
+def machine_share_pct(spent: dict[str, float], part: str) -> float:
+    """``part`` (``machine_busy``, ``machine_steal``) as a share of the machine's time."""
+    return 100 * spent[part] / spent["machine"] if spent["machine"] > 0 else 0.0
 
 
 def cpu_cores_between(
@@ -516,11 +523,13 @@ def cpu_cores_between(
 ) -> dict[str, float]:
     """Cores each process kept busy between two ``cpu_seconds_by_process`` readings, and
     the share of the machine's CPU time that was busy (``machine_busy_pct``)."""
-    spent = {name: after[name] - before[name] for name in before}
-    machine = spent.pop("machine")
-    busy = spent.pop("machine_busy")
-    cores = {name: value / seconds for name, value in spent.items()} if seconds > 0 else {}
-    cores["machine_busy_pct"] = 100 * busy / machine if machine > 0 else 0.0
+    spent = cpu_spent(before, after)
+    cores = {
+        name: value / seconds
+        for name, value in spent.items()
+        if name not in MACHINE_TIMES and seconds > 0
+    }
+    cores["machine_busy_pct"] = machine_share_pct(spent, "machine_busy")
     return cores
 
 
@@ -736,19 +745,16 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
         console.print("draining with one worker process...")
         worker = WorkerRun(settings, workdir / "worker.log")
         try:
-            cpu_before, servers_before = worker.cpu_seconds(), server_cpu_seconds()
-            steal_before = cpu_steal_ticks()
+            cpu_before = cpu_seconds_by_process(worker)
             first, last = await worker.wait_events(load.total)
-            cpu = worker.cpu_seconds() - cpu_before
-            steal, ticks = (a - b for a, b in zip(cpu_steal_ticks(), steal_before, strict=True))
-            results["drain_cpu_steal_pct"] = 100 * steal / ticks if ticks else 0.0
+            spent = cpu_spent(cpu_before, cpu_seconds_by_process(worker))
+            results["drain_cpu_steal_pct"] = machine_share_pct(spent, "machine_steal")
             results["throughput_eps"] = load.total / (last - first)
             results["drain_s"] = last - first
-            results["cpu_s_per_1k_events"] = cpu / load.total * 1000
+            results["cpu_s_per_1k_events"] = spent["worker"] / load.total * 1000
             if own_stack:  # the servers' processes are ours to measure only then
-                for server, seconds in server_cpu_seconds().items():
-                    spent = seconds - servers_before.get(server, 0.0)
-                    results[f"{server}_cpu_s_per_1k_events"] = spent / load.total * 1000
+                for server in ("postgres", "broker"):
+                    results[f"{server}_cpu_s_per_1k_events"] = spent[server] / load.total * 1000
             results["worker_peak_rss_mib"] = worker.peak_rss_mib()
             console.print("fixed-rate load at half capacity...")
             try:
