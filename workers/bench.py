@@ -468,7 +468,11 @@ def python_loop_seconds(iterations: int = 5_000_000) -> float:
 
 
 def server_cpu_seconds() -> dict[str, float]:
-    """CPU seconds used so far by the local Postgres and broker processes (all of them)."""
+    """CPU seconds used so far by the local Postgres and broker processes (all of them).
+
+    A process's reaped children count too: autovacuum workers live for one table each, and
+    once the postmaster has reaped one its CPU shows only in the postmaster's children times.
+    """
     totals = {"postgres": 0.0, "broker": 0.0}
     for process in psutil.process_iter(["name", "cpu_times"]):
         name = process.info["name"] or ""
@@ -481,7 +485,8 @@ def server_cpu_seconds() -> dict[str, float]:
         )
         times = process.info["cpu_times"]
         if server is not None and times is not None:
-            totals[server] += times.user + times.system
+            own, reaped = times.user + times.system, times.children_user + times.children_system
+            totals[server] += own + reaped
     return totals
 
 

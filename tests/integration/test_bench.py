@@ -10,8 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import orjson
+import psutil
+import pytest
 
+from tests.conftest import Stack
+from workers.bench import server_cpu_seconds
 from workers.settings import Settings
 
 KEYS = (
@@ -51,3 +56,21 @@ def test_bench_runs_every_phase_and_writes_the_figures(settings: Settings, tmp_p
     cores = figures["fixed_rate_cpu_cores"]
     assert cores["worker"] > 0 and cores["load_generator"] > 0 and cores["postgres"] > 0
     assert "throughput / naive" in done.stdout
+
+
+async def test_postgres_cpu_includes_the_processes_that_have_exited(
+    stack: Stack, database_url: str
+) -> None:
+    # Autovacuum workers and closed connections exit within a phase; their CPU must still be
+    # in the phase's Postgres figure, or the bench under-reports what Postgres spent.
+    if stack.local is None:
+        pytest.skip("needs the embedded stack, whose server processes are on this machine")
+    before = server_cpu_seconds()["postgres"]
+    conn = await asyncpg.connect(database_url)
+    backend = psutil.Process(conn.get_server_pid())
+    await conn.fetchval("SELECT count(*) FROM generate_series(1, 5000000)")
+    spent = sum(backend.cpu_times()[:2])
+    await conn.close()
+    backend.wait(timeout=10)  # reaped by the postmaster: its CPU moves to the children times
+    assert spent > 0.1
+    assert server_cpu_seconds()["postgres"] - before >= spent
