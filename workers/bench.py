@@ -48,6 +48,7 @@ from rich.table import Table
 
 from workers import db
 from workers.kafka import ensure_topics, make_producer, security_options
+from workers.profiling import DrainProfile
 from workers.settings import Settings
 
 console = Console(stderr=True)
@@ -699,6 +700,7 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
     json_path: Path | None,
     fixed_rate_s: float = 20.0,
     naive_s: float = 10.0,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     from workers.devstack import LocalStack
 
@@ -709,7 +711,9 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
     stack = None
     if own_stack:
         console.print("starting the embedded stack (fsync on)...")
-        stack = await asyncio.to_thread(LocalStack.start, fsync=True)
+        stack = await asyncio.to_thread(
+            LocalStack.start, fsync=True, statement_stats=profile_dir is not None
+        )
         env = stack.env()
         settings = settings.model_copy(
             update={
@@ -750,9 +754,14 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
         console.print("draining with one worker process...")
         worker = WorkerRun(settings, workdir / "worker.log")
         try:
+            profile = None
+            if profile_dir is not None:
+                profile = await DrainProfile.start(profile_dir, settings.dsn, worker.ps.pid)
             cpu_before = cpu_seconds_by_process(worker)
             first, last = await worker.wait_events(load.total)
             spent = cpu_spent(cpu_before, cpu_seconds_by_process(worker))
+            if profile is not None:
+                results["profile"] = await profile.finish(load.total)
             results["drain_cpu_steal_pct"] = machine_share_pct(spent, "machine_steal")
             results["throughput_eps"] = load.total / (last - first)
             results["drain_s"] = last - first
@@ -826,6 +835,8 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
         "python_loop_s": python_loop,
     }
     show(results)
+    if "profile" in results:
+        show_profile(results["profile"], profile_dir)
     if json_path is not None:
         document = orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
         await asyncio.to_thread(json_path.write_bytes, document)
@@ -891,3 +902,47 @@ def show(results: dict[str, Any]) -> None:
         )
         table.add_row(name, shown, note)
     Console().print(table)
+
+
+def show_profile(profile: dict[str, Any], out_dir: Path | None) -> None:
+    """Where the drain's time went (``--profile``): the worker's hottest code, and the
+    statements Postgres spent the most time on."""
+    out = Console()
+    worker = profile.get("worker")
+    if worker and worker["samples"]:
+        for key, title in (
+            ("self", "running"),
+            ("ours_inclusive", "chargeline's code, on the stack"),
+        ):
+            table = Table(
+                title=f"worker during the drain, {title}: % of {worker['samples']:,} samples"
+            )
+            table.add_column("function (file)", no_wrap=True, overflow="ellipsis", max_width=64)
+            table.add_column("%", justify="right")
+            for frame, share in worker[key]:
+                table.add_row(frame, f"{share:.1f}")
+            out.print(table)
+    statements = profile.get("postgres_statements")
+    if statements:
+        table = Table(title="Postgres during the drain: statements by time")
+        table.add_column("statement", no_wrap=True, overflow="ellipsis", max_width=24)
+        for name in ("calls", "rows", "exec ms", "plan ms", "us/event"):
+            table.add_column(name, justify="right", no_wrap=True)
+        for row in statements:
+            table.add_row(
+                row["statement"],
+                f"{row['calls']:,}",
+                f"{row['rows']:,}",
+                f"{row['exec_ms']:,.0f}",
+                f"{row['plan_ms']:,.0f}",
+                f"{row['us_per_event']:.2f}",
+            )
+        out.print(table)
+    for note in profile.get("notes", []):
+        out.print(f"[yellow]profile: {note}[/yellow]")
+    if out_dir is not None:
+        out.print(
+            f"profile in {out_dir}: worker.folded (collapsed stacks, for speedscope or "
+            "flamegraph.pl); the figures above are in the JSON under 'profile'. A profiled "
+            "run's figures carry the profilers' cost."
+        )

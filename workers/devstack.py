@@ -142,12 +142,22 @@ class LocalPostgres:
     base_dir: Path
     port: int
     fsync: bool = False
+    statement_stats: bool = False  # pg_stat_statements loaded, planning timed too
 
     @classmethod
-    def start(cls, base_dir: Path, *, port: int | None = None, fsync: bool = False) -> Self:
+    def start(
+        cls,
+        base_dir: Path,
+        *,
+        port: int | None = None,
+        fsync: bool = False,
+        statement_stats: bool = False,
+    ) -> Self:
         """Create the cluster if needed, then start it; ``fsync=False`` trades safety for speed."""
         base_dir.mkdir(parents=True, exist_ok=True)
-        return _on_free_port(port, lambda chosen: cls(base_dir.resolve(), chosen, fsync)._boot())
+        return _on_free_port(
+            port, lambda chosen: cls(base_dir.resolve(), chosen, fsync, statement_stats)._boot()
+        )
 
     def _boot(self) -> Self:
         self._init_cluster()
@@ -244,6 +254,11 @@ class LocalPostgres:
             " -c max_wal_size=4GB -c autovacuum_naptime=5s"
             f" -c fsync={durable} -c synchronous_commit={durable} -c full_page_writes={durable}"
         )
+        if self.statement_stats:  # for `chargeline bench --profile`: it costs some CPU
+            options += (
+                " -c shared_preload_libraries=pg_stat_statements"
+                " -c pg_stat_statements.track_planning=on"
+            )
         log, wait = str(self.log_path), str(int(STARTUP_TIMEOUT_S))
         if self._run("pg_ctl", "-l", log, "-w", "-t", wait, "-o", options, "start") != 0:
             self.stop()  # in case it is still starting up after pg_ctl gave up waiting
@@ -428,12 +443,16 @@ class LocalStack:
     owns_base_dir: bool = False
 
     @classmethod
-    def start(cls, base_dir: Path | None = None, *, fsync: bool = False) -> LocalStack:
+    def start(
+        cls, base_dir: Path | None = None, *, fsync: bool = False, statement_stats: bool = False
+    ) -> LocalStack:
         """Start all three at once (startup is mostly waiting); stop them all if one fails."""
         root = Path(tempfile.mkdtemp(prefix="chargeline-")) if base_dir is None else base_dir
         _pg_setup()  # here, once: it changes process-wide warning filters, not thread-safe
         with ThreadPoolExecutor(3) as pool:
-            pg = pool.submit(LocalPostgres.start, root, fsync=fsync)
+            pg = pool.submit(
+                LocalPostgres.start, root, fsync=fsync, statement_stats=statement_stats
+            )
             broker = pool.submit(LocalBroker.start, root)
             stripe = pool.submit(LocalStripe.start, root)
         errors = [f.exception() for f in (pg, broker, stripe) if f.exception() is not None]

@@ -60,6 +60,7 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
         json_path=args.json,
         fixed_rate_s=args.fixed_rate_seconds,
         naive_s=args.naive_seconds,
+        profile_dir=args.profile,
     )
     return 0
 

@@ -131,6 +131,10 @@ def build_parser() -> Parser:  # noqa: PLR0915 -- a parser is a long flat list
         "--naive-seconds", type=positive_float, default=10.0, metavar="S",
         help="length of each naive-baseline phase",
     )  # fmt: skip
+    bench.add_argument(
+        "--profile", type=Path, metavar="DIR",
+        help="profile the drain (py-spy on the worker, pg_stat_statements) into DIR",
+    )  # fmt: skip
     bench.set_defaults(run=commands.bench)
 
     for module in COMMAND_MODULES:
