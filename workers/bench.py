@@ -965,6 +965,21 @@ def show_profile(profile: dict[str, Any], out_dir: Path | None) -> None:
                 f"{row['us_per_event']:.2f}",
             )
         out.print(table)
+    maintenance = profile.get("autovacuum")
+    if maintenance:
+        table = Table(title="Postgres during the drain: autovacuum, outside the statements")
+        table.add_column("table")
+        for name in ("vacuums", "vacuum ms", "analyzes", "analyze ms"):
+            table.add_column(name, justify="right")
+        for row in maintenance:
+            table.add_row(
+                row["table"],
+                str(row["vacuums"]),
+                f"{row['vacuum_ms']:,.0f}",
+                str(row["analyzes"]),
+                f"{row['analyze_ms']:,.0f}",
+            )
+        out.print(table)
     for note in profile.get("notes", []):
         out.print(f"[yellow]profile: {note}[/yellow]")
     if out_dir is not None:

@@ -7,7 +7,9 @@ Two profilers cover the drain phase, and nothing else:
   function, to the summary;
 - pg_stat_statements times every statement Postgres ran for the bench's database. The
   statements that took the most time go to the summary, named by their ``-- name:`` in
-  ``workers/sql`` where they are ours.
+  ``workers/sql`` where they are ours;
+- pg_stat_user_tables counts what autovacuum did meanwhile, per table, with its time
+  (Postgres 18 and later). Its workers spend CPU outside every statement.
 
 Both cost CPU, so the figures of a profiled run are not comparable with those of a run
 without ``--profile``. Each profiler is optional: where one cannot run (py-spy missing or
@@ -63,6 +65,7 @@ class DrainProfile:
     spy: subprocess.Popen[bytes] | None = None
     notes: list[str] = field(default_factory=list)
     statements: bool = False
+    maintenance_before: dict[str, dict[str, float]] | None = None
 
     @property
     def folded_path(self) -> Path:
@@ -73,6 +76,10 @@ class DrainProfile:
         await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
         profile = cls(out_dir, dsn)
         await profile._reset_statements()
+        try:
+            profile.maintenance_before = await table_maintenance(dsn)
+        except asyncpg.UndefinedColumnError:  # the time columns came with Postgres 18
+            profile.notes.append("autovacuum times need Postgres 18 or later")
         profile._start_py_spy(worker_pid)
         return profile
 
@@ -110,6 +117,10 @@ class DrainProfile:
             summary["worker"] = worker
         if self.statements:
             summary["postgres_statements"] = await self._top_statements(events)
+        if self.maintenance_before is not None:
+            summary["autovacuum"] = maintenance_between(
+                self.maintenance_before, await table_maintenance(self.dsn)
+            )
         summary["notes"] = self.notes
         return summary
 
@@ -152,6 +163,48 @@ class DrainProfile:
 
 _LITERAL = re.compile(r"'(?:[^']|'')*'|\$\d+|\b\d+\b")
 _COPY = re.compile(r'^COPY "?(\w+)"?')
+
+
+_MAINTENANCE = (
+    "autovacuum_count", "autoanalyze_count", "total_autovacuum_time", "total_autoanalyze_time",
+)  # fmt: skip
+_MAINTENANCE_SQL = """
+SELECT relname, autovacuum_count, autoanalyze_count,
+       total_autovacuum_time, total_autoanalyze_time
+FROM pg_stat_user_tables
+"""
+
+
+async def table_maintenance(dsn: str) -> dict[str, dict[str, float]]:
+    """Autovacuum and autoanalyze runs so far, and their time (ms), per table."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(_MAINTENANCE_SQL)
+    finally:
+        await conn.close()
+    return {row["relname"]: {key: float(row[key]) for key in _MAINTENANCE} for row in rows}
+
+
+def maintenance_between(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> list[dict[str, Any]]:
+    """What autovacuum did to each table in between, most time first (tables it left
+    alone left out). Its workers are processes of their own, outside every statement."""
+    done = []
+    for table, now in after.items():
+        was = before.get(table, {})
+        change = {key: value - was.get(key, 0.0) for key, value in now.items()}
+        if change["autovacuum_count"] or change["autoanalyze_count"]:
+            done.append(
+                {
+                    "table": table,
+                    "vacuums": int(change["autovacuum_count"]),
+                    "vacuum_ms": round(change["total_autovacuum_time"], 1),
+                    "analyzes": int(change["autoanalyze_count"]),
+                    "analyze_ms": round(change["total_autoanalyze_time"], 1),
+                }
+            )
+    return sorted(done, key=lambda row: -(row["vacuum_ms"] + row["analyze_ms"]))
 
 
 def _normalized(sql: str) -> str:
