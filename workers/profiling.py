@@ -1,6 +1,6 @@
 """``chargeline bench --profile DIR``: where the drain's time goes, in the worker and in Postgres.
 
-Two profilers cover the drain phase, and nothing else:
+Three sources cover the drain phase, and nothing else:
 
 - py-spy samples the worker process. Its collapsed stacks go to ``worker.folded`` (which
   speedscope and flamegraph.pl read), and the frames that take the most samples, by
@@ -11,10 +11,10 @@ Two profilers cover the drain phase, and nothing else:
 - pg_stat_user_tables counts what autovacuum did meanwhile, per table, with its time
   (Postgres 18 and later). Its workers spend CPU outside every statement.
 
-Both cost CPU, so the figures of a profiled run are not comparable with those of a run
-without ``--profile``. Each profiler is optional: where one cannot run (py-spy missing or
-not allowed to attach, pg_stat_statements not loaded), the summary says why and the bench
-goes on.
+The profilers cost CPU, so the figures of a profiled run are not comparable with those of
+a run without ``--profile``. Each source is optional: where one cannot be read (py-spy
+missing or not allowed to attach, pg_stat_statements not loaded, a Postgres older than
+18), the summary says why and the bench goes on.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ TOP_STATEMENTS = 12
 _QUERY_PREFIX = 160  # characters of a statement's text that identify it
 _SHOWN = 60  # characters shown of a statement that is not ours
 
-_RESET_STATEMENTS = "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"
+_CREATE_EXTENSION = "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"
 _TOP_STATEMENTS_SQL = """
 SELECT query, calls, rows, total_exec_time AS exec_ms, total_plan_time AS plan_ms
 FROM pg_stat_statements
@@ -75,6 +75,8 @@ class DrainProfile:
     async def start(cls, out_dir: Path, dsn: str, worker_pid: int) -> DrainProfile:
         await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
         profile = cls(out_dir, dsn)
+        # An earlier run's stacks must not pass for this one's if py-spy cannot attach.
+        await asyncio.to_thread(profile.folded_path.unlink, missing_ok=True)
         await profile._reset_statements()
         try:
             profile.maintenance_before = await table_maintenance(dsn)
@@ -86,7 +88,7 @@ class DrainProfile:
     async def _reset_statements(self) -> None:
         conn = await asyncpg.connect(self.dsn)
         try:
-            await conn.execute(_RESET_STATEMENTS)
+            await conn.execute(_CREATE_EXTENSION)
             await conn.execute("SELECT pg_stat_statements_reset()")
             self.statements = True
         except asyncpg.PostgresError as exc:
@@ -161,10 +163,6 @@ class DrainProfile:
         ]
 
 
-_LITERAL = re.compile(r"'(?:[^']|'')*'|\$\d+|\b\d+\b")
-_COPY = re.compile(r'^COPY "?(\w+)"?')
-
-
 _MAINTENANCE = (
     "autovacuum_count", "autoanalyze_count", "total_autovacuum_time", "total_autoanalyze_time",
 )  # fmt: skip
@@ -205,6 +203,10 @@ def maintenance_between(
                 }
             )
     return sorted(done, key=lambda row: -(row["vacuum_ms"] + row["analyze_ms"]))
+
+
+_LITERAL = re.compile(r"'(?:[^']|'')*'|\$\d+|\b\d+\b")
+_COPY = re.compile(r'^COPY "?(\w+)"?')
 
 
 def _normalized(sql: str) -> str:
