@@ -23,6 +23,7 @@ machine. Phases:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -33,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiohttp
 import asyncpg
@@ -50,6 +51,9 @@ from workers import db
 from workers.kafka import ensure_topics, make_producer, security_options
 from workers.profiling import DrainProfile
 from workers.settings import Settings
+
+if TYPE_CHECKING:
+    from workers.devstack import LocalStack
 
 console = Console(stderr=True)
 
@@ -468,34 +472,33 @@ def python_loop_seconds(iterations: int = 5_000_000) -> float:
     return best
 
 
-def server_cpu_seconds() -> dict[str, float]:
-    """CPU seconds used so far by the local Postgres and broker processes (all of them).
+def server_cpu_seconds(servers: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each server in ``servers`` (name -> the pid it runs as):
+    that process and all its descendants, and the children it has reaped.
 
-    A process's reaped children count too: autovacuum workers live for one table each, and
-    once the postmaster has reaped one its CPU shows only in the postmaster's children times.
+    The reaped count because autovacuum workers live for one table each: once the
+    postmaster has reaped one, its CPU shows only in the postmaster's children times. Only
+    the bench's own servers are counted, not other servers of the same kind on the machine.
     """
-    totals = {"postgres": 0.0, "broker": 0.0}
-    for process in psutil.process_iter(["name", "cpu_times"]):
-        name = process.info["name"] or ""
-        server = (
-            "postgres"
-            if name.startswith("postgres")
-            else "broker"
-            if name.startswith("tansu")
-            else None
-        )
-        times = process.info["cpu_times"]
-        if server is not None and times is not None:
-            own, reaped = times.user + times.system, times.children_user + times.children_system
-            totals[server] += own + reaped
+    totals = {}
+    for server, pid in servers.items():
+        total = 0.0
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            for process in (root, *root.children(recursive=True)):
+                with contextlib.suppress(psutil.NoSuchProcess):  # gone meanwhile: reaped
+                    times = process.cpu_times()
+                    total += times.user + times.system
+                    total += times.children_user + times.children_system
+        totals[server] = total
     return totals
 
 
 MACHINE_TIMES = ("machine", "machine_busy", "machine_steal")
 
 
-def cpu_seconds_by_process(worker: WorkerRun) -> dict[str, float]:
-    """CPU seconds used so far by the worker, the local servers, this process (which
+def cpu_seconds_by_process(worker: WorkerRun, servers: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by the worker, the ``servers``, this process (which
     generates the fixed-rate load) and the whole machine, summed over its CPUs: all its time
     (``machine``), the busy part, and the part stolen (the hypervisor gave this VM's CPUs
     to someone else)."""
@@ -506,7 +509,7 @@ def cpu_seconds_by_process(worker: WorkerRun) -> dict[str, float]:
     total = sum(machine) - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)
     return {
         "worker": worker.cpu_seconds(),
-        **server_cpu_seconds(),
+        **server_cpu_seconds(servers),
         "load_generator": own.user + own.system,
         "machine": total,
         "machine_busy": total - machine.idle - getattr(machine, "iowait", 0.0),
@@ -663,6 +666,7 @@ async def fixed_rate(
     run: str,
     already: int,
     customers: int,
+    servers: dict[str, int],
 ) -> dict[str, Any]:
     """The mixed load at ``rate`` records/s for ``seconds``, with depletions threaded
     through. Returns p50/p99 end-to-end latency and the p99 alert latency, in ms, the rate
@@ -672,11 +676,11 @@ async def fixed_rate(
     await producer.start()
     topics = {"usage": settings.topic_usage, "charges": settings.topic_charges}
     planned = plan_fixed_rate(math.ceil(rate * seconds), customers, run, topics)
-    cpu_before = cpu_seconds_by_process(worker)
+    cpu_before = cpu_seconds_by_process(worker, servers)
     try:
         count, sending_s, sent, acks = await send_at_rate(producer, planned, rate, seconds)
         # Where the machine's CPU went while the load ran: the producer shares it too.
-        cpu = cpu_cores_between(cpu_before, cpu_seconds_by_process(worker), sending_s)
+        cpu = cpu_cores_between(cpu_before, cpu_seconds_by_process(worker, servers), sending_s)
         await asyncio.gather(*acks)
     finally:
         await producer.stop()
@@ -751,6 +755,8 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
                 "kafka_idempotent_producer": False,
             }
         )
+    # The servers whose CPU is measured: the embedded stack's only, which this run owns.
+    servers = {} if stack is None else _server_pids(stack)
     run = uuid.uuid4().hex[:6]
     settings = settings.model_copy(
         update={
@@ -784,18 +790,17 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
             profile = None
             if profile_dir is not None:
                 profile = await DrainProfile.start(profile_dir, settings.dsn, worker.ps.pid)
-            cpu_before = cpu_seconds_by_process(worker)
+            cpu_before = cpu_seconds_by_process(worker, servers)
             first, last = await worker.wait_events(load.total)
-            spent = cpu_spent(cpu_before, cpu_seconds_by_process(worker))
+            spent = cpu_spent(cpu_before, cpu_seconds_by_process(worker, servers))
             if profile is not None:
                 results["profile"] = await profile.finish(load.total)
             results["drain_cpu_steal_pct"] = machine_share_pct(spent, "machine_steal")
             results["throughput_eps"] = load.total / (last - first)
             results["drain_s"] = last - first
             results["cpu_s_per_1k_events"] = spent["worker"] / load.total * 1000
-            if own_stack:  # the servers' processes are ours to measure only then
-                for server in ("postgres", "broker"):
-                    results[f"{server}_cpu_s_per_1k_events"] = spent[server] / load.total * 1000
+            for server in servers:  # the servers' processes are ours to measure
+                results[f"{server}_cpu_s_per_1k_events"] = spent[server] / load.total * 1000
             results["worker_peak_rss_mib"] = worker.peak_rss_mib()
             console.print("fixed-rate load at half capacity...")
             try:
@@ -809,6 +814,7 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
                             run=f"{run}-",
                             already=load.total,
                             customers=customer_count(events),
+                            servers=servers,
                         ),
                         timeout=PHASE_LIMIT_S,
                     )
@@ -869,6 +875,11 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
         await asyncio.to_thread(json_path.write_bytes, document)
         console.print(f"wrote {json_path}")
     return results
+
+
+def _server_pids(stack: LocalStack) -> dict[str, int]:
+    pids = {"postgres": stack.postgres.pid, "broker": stack.broker.pid}
+    return {server: pid for server, pid in pids.items() if pid is not None}
 
 
 def _half_capacity_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]:
