@@ -49,7 +49,7 @@ from rich.table import Table
 
 from workers import db
 from workers.kafka import ensure_topics, make_producer, security_options
-from workers.profiling import DrainProfile
+from workers.profiling import DrainProfile, maintenance_between
 from workers.settings import Settings
 
 if TYPE_CHECKING:
@@ -803,6 +803,8 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
                 results[f"{server}_cpu_s_per_1k_events"] = spent[server] / load.total * 1000
             results["worker_peak_rss_mib"] = worker.peak_rss_mib()
             console.print("fixed-rate load at half capacity...")
+            # With --profile: what autovacuum does meanwhile, on the tables the drain filled.
+            maintenance = await profile.maintenance_now() if profile is not None else None
             try:
                 results.update(
                     await asyncio.wait_for(
@@ -829,6 +831,10 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
                     alert_latency_p99_ms=float("nan"),
                     alerts_measured=0.0,
                     timed_out="fixed_rate",
+                )
+            if profile is not None and maintenance is not None:
+                results["profile"]["autovacuum_fixed_rate"] = maintenance_between(
+                    maintenance, await profile.maintenance_now() or {}
                 )
         finally:
             worker.stop()
@@ -976,21 +982,12 @@ def show_profile(profile: dict[str, Any], out_dir: Path | None) -> None:
                 f"{row['us_per_event']:.2f}",
             )
         out.print(table)
-    maintenance = profile.get("autovacuum")
-    if maintenance:
-        table = Table(title="Postgres during the drain: autovacuum, outside the statements")
-        table.add_column("table")
-        for name in ("vacuums", "vacuum ms", "analyzes", "analyze ms"):
-            table.add_column(name, justify="right")
-        for row in maintenance:
-            table.add_row(
-                row["table"],
-                str(row["vacuums"]),
-                f"{row['vacuum_ms']:,.0f}",
-                str(row["analyzes"]),
-                f"{row['analyze_ms']:,.0f}",
-            )
-        out.print(table)
+    for key, phase in (
+        ("autovacuum", "during the drain"),
+        ("autovacuum_fixed_rate", "at half capacity"),
+    ):
+        if profile.get(key):
+            out.print(_autovacuum_table(profile[key], f"Postgres {phase}: autovacuum"))
     for note in profile.get("notes", []):
         out.print(f"[yellow]profile: {note}[/yellow]")
     if out_dir is not None:
@@ -999,3 +996,19 @@ def show_profile(profile: dict[str, Any], out_dir: Path | None) -> None:
             "flamegraph.pl); the figures above are in the JSON under 'profile'. A profiled "
             "run's figures carry the profilers' cost."
         )
+
+
+def _autovacuum_table(maintenance: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=f"{title}, outside the statements")
+    table.add_column("table")
+    for name in ("vacuums", "vacuum ms", "analyzes", "analyze ms"):
+        table.add_column(name, justify="right")
+    for row in maintenance:
+        table.add_row(
+            row["table"],
+            str(row["vacuums"]),
+            f"{row['vacuum_ms']:,.0f}",
+            str(row["analyzes"]),
+            f"{row['analyze_ms']:,.0f}",
+        )
+    return table

@@ -111,6 +111,11 @@ class DrainProfile:
             stderr=subprocess.PIPE,
         )  # fmt: skip
 
+    async def maintenance_now(self) -> dict[str, dict[str, float]] | None:
+        """Autovacuum's work per table so far, where the server reports it (to diff with
+        ``maintenance_between`` around a later phase)."""
+        return None if self.maintenance_before is None else await table_maintenance(self.dsn)
+
     async def finish(self, events: int) -> dict[str, Any]:
         """Stop the profilers; the summary of what they saw, per drained event."""
         summary: dict[str, Any] = {"dir": str(self.out_dir)}
