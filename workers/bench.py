@@ -49,7 +49,7 @@ from rich.table import Table
 
 from workers import db
 from workers.kafka import ensure_topics, make_producer, security_options
-from workers.profiling import DrainProfile, maintenance_between
+from workers.profiling import DrainProfile
 from workers.settings import Settings
 
 if TYPE_CHECKING:
@@ -803,8 +803,6 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
                 results[f"{server}_cpu_s_per_1k_events"] = spent[server] / load.total * 1000
             results["worker_peak_rss_mib"] = worker.peak_rss_mib()
             console.print("fixed-rate load at half capacity...")
-            # With --profile: what autovacuum does meanwhile, on the tables the drain filled.
-            maintenance = await profile.maintenance_now() if profile is not None else None
             try:
                 results.update(
                     await asyncio.wait_for(
@@ -832,10 +830,10 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
                     alerts_measured=0.0,
                     timed_out="fixed_rate",
                 )
-            if profile is not None and maintenance is not None:
-                results["profile"]["autovacuum_fixed_rate"] = maintenance_between(
-                    maintenance, await profile.maintenance_now() or {}
-                )
+            # With --profile: what autovacuum did meanwhile, on the tables the drain filled.
+            autovacuum = await profile.autovacuum_since_mark() if profile is not None else None
+            if autovacuum is not None:
+                results["profile"]["autovacuum_fixed_rate"] = autovacuum
         finally:
             worker.stop()
 
@@ -949,8 +947,9 @@ def show(results: dict[str, Any]) -> None:
 
 
 def show_profile(profile: dict[str, Any], out_dir: Path | None) -> None:
-    """Where the drain's time went (``--profile``): the worker's hottest code, and the
-    statements Postgres spent the most time on."""
+    """Where the time went (``--profile``): the worker's hottest code and the statements
+    Postgres spent the most time on, in the drain; autovacuum's work in the drain and at
+    half capacity."""
     out = Console()
     worker = profile.get("worker")
     if worker and worker["samples"]:

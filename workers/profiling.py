@@ -1,6 +1,6 @@
 """``chargeline bench --profile DIR``: where the drain's time goes, in the worker and in Postgres.
 
-Three sources cover the drain phase, and nothing else:
+Three sources cover the drain phase (and autovacuum the fixed-rate phase after it too):
 
 - py-spy samples the worker process. Its collapsed stacks go to ``worker.folded`` (which
   speedscope and flamegraph.pl read), and the frames that take the most samples, by
@@ -65,7 +65,9 @@ class DrainProfile:
     spy: subprocess.Popen[bytes] | None = None
     notes: list[str] = field(default_factory=list)
     statements: bool = False
-    maintenance_before: dict[str, dict[str, float]] | None = None
+    # Autovacuum's work per table at the start of the phase being profiled; None where the
+    # server does not report it.
+    maintenance_mark: dict[str, dict[str, float]] | None = None
 
     @property
     def folded_path(self) -> Path:
@@ -79,7 +81,7 @@ class DrainProfile:
         await asyncio.to_thread(profile.folded_path.unlink, missing_ok=True)
         await profile._reset_statements()
         try:
-            profile.maintenance_before = await table_maintenance(dsn)
+            profile.maintenance_mark = await table_maintenance(dsn)
         except asyncpg.UndefinedColumnError:  # the time columns came with Postgres 18
             profile.notes.append("autovacuum times need Postgres 18 or later")
         profile._start_py_spy(worker_pid)
@@ -111,10 +113,15 @@ class DrainProfile:
             stderr=subprocess.PIPE,
         )  # fmt: skip
 
-    async def maintenance_now(self) -> dict[str, dict[str, float]] | None:
-        """Autovacuum's work per table so far, where the server reports it (to diff with
-        ``maintenance_between`` around a later phase)."""
-        return None if self.maintenance_before is None else await table_maintenance(self.dsn)
+    async def autovacuum_since_mark(self) -> list[dict[str, Any]] | None:
+        """What autovacuum did per table since the last call (or the start), which starts
+        the next phase; None where the server does not report it."""
+        if self.maintenance_mark is None:
+            return None
+        now = await table_maintenance(self.dsn)
+        done = maintenance_between(self.maintenance_mark, now)
+        self.maintenance_mark = now
+        return done
 
     async def finish(self, events: int) -> dict[str, Any]:
         """Stop the profilers; the summary of what they saw, per drained event."""
@@ -124,10 +131,9 @@ class DrainProfile:
             summary["worker"] = worker
         if self.statements:
             summary["postgres_statements"] = await self._top_statements(events)
-        if self.maintenance_before is not None:
-            summary["autovacuum"] = maintenance_between(
-                self.maintenance_before, await table_maintenance(self.dsn)
-            )
+        autovacuum = await self.autovacuum_since_mark()
+        if autovacuum is not None:
+            summary["autovacuum"] = autovacuum
         summary["notes"] = self.notes
         return summary
 

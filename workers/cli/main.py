@@ -133,7 +133,7 @@ def build_parser() -> Parser:  # noqa: PLR0915 -- a parser is a long flat list
     )  # fmt: skip
     bench.add_argument(
         "--profile", type=Path, metavar="DIR",
-        help="profile the drain (py-spy on the worker, pg_stat_statements) into DIR",
+        help="profile the drain (py-spy on the worker, pg_stat_statements, autovacuum) into DIR",
     )  # fmt: skip
     bench.set_defaults(run=commands.bench)
 
