@@ -67,6 +67,8 @@ def test_bench_runs_every_phase_and_writes_the_figures(tmp_path: Path) -> None:
     assert statements["record_usage"]["calls"] >= 1, statements
     assert statements["record_charges"]["rows"] >= 1, statements
     assert profile["worker"]["samples"] > 0
+    # Autovacuum reported for both phases; a run this short may leave it nothing to do, so
+    # the lists can be empty (maintenance_between's filtering has a unit test of its own).
     for phase in ("autovacuum", "autovacuum_fixed_rate"):
         assert all(row["vacuums"] + row["analyzes"] > 0 for row in profile[phase]), phase
     assert any("(workers/" in frame for frame, _ in profile["worker"]["ours_inclusive"])
