@@ -137,7 +137,17 @@ RFC3339_PATTERN = (
 
 def _utc(value: datetime) -> datetime:
     # One instant, one form: "11:00:00+01:00" and "10:00:00Z" give the same fingerprint.
-    return value if value.tzinfo is UTC else value.astimezone(UTC)
+    if value.tzinfo is UTC:
+        return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # "0001-01-01T00:00:00+01:00" is year 0 in UTC, "9999-12-31T23:59:59-01:00" year
+        # 10000: neither is a datetime Python (or this contract) can hold.
+        raise PydanticCustomError(
+            "datetime_out_of_range",
+            "Datetime should fall between 0001-01-01 and 9999-12-31 once converted to UTC",
+        ) from None
 
 
 def utc_now() -> datetime:
@@ -381,6 +391,8 @@ DeadLetterReason = Literal[
     "payload_too_large",
     "key_mismatch",
     "wrong_topic",
+    "unknown_grant",
+    "unprocessable",
 ]
 DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = get_args(DeadLetterReason)
 """Every reason code a dead letter can carry (``chargeline.reason`` on ``billing.dlq``)."""

@@ -23,6 +23,12 @@ _MIGRATION_LOCK_ID = 0x63686172  # "char"
 # 08 connection exception, 40 transaction rollback (serialization, deadlock),
 # 53 insufficient resources, 57 operator intervention (admin shutdown, cannot connect now).
 _TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
+# SQLSTATE classes that say the database is not the one this code expects, whatever the
+# rows: 28 authorization, 3D/3F no such database or schema, 42 no such table or column or no
+# privilege (not migrated, wrong role), 55 object not in prerequisite state, 58 system error,
+# F0 configuration, HV foreign data, XX internal error. No record is to blame, so none is
+# dead-lettered: the work waits and is retried until an operator acts.
+_ENVIRONMENT_SQLSTATE_CLASSES = frozenset({"28", "3D", "3F", "42", "55", "58", "F0", "HV", "XX"})
 
 
 def load_queries(directory: Path = QUERIES_DIR) -> dict[str, str]:
@@ -54,6 +60,20 @@ def is_transient(exc: BaseException) -> bool:
         sqlstate = getattr(exc, "sqlstate", None) or ""
         return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
     return False
+
+
+def is_environment_fault(exc: BaseException) -> bool:
+    """True for permanent failures of the database's setup (see above), not of the data."""
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        return sqlstate[:2] in _ENVIRONMENT_SQLSTATE_CLASSES
+    return False
+
+
+def is_retried(exc: BaseException) -> bool:
+    """True when the same work should be tried again later: an outage, or a setup fault an
+    operator will fix. Anything else is the fault of the records being applied."""
+    return is_transient(exc) or is_environment_fault(exc)
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:

@@ -19,16 +19,21 @@ HEADER_PREFIX = "chargeline."
 DLQ_VALUE_LIMIT = 64 * 1024
 
 
-def encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
-    """Kafka headers as JSON for jsonb columns; values base64, as they may be any bytes."""
+def encode_headers(headers: Sequence[tuple[str, bytes | None]]) -> str:
+    """Kafka headers as JSON for jsonb columns; values base64, as they may be any bytes, or
+    null (a header may have no value)."""
     return orjson.dumps(
-        [[name, base64.b64encode(value).decode()] for name, value in headers]
+        [
+            [name, None if value is None else base64.b64encode(value).decode()]
+            for name, value in headers
+        ]
     ).decode()
 
 
 def decode_headers(stored: Any) -> list[tuple[str, bytes]]:
+    """The headers ``encode_headers`` stored; a header without a value comes back empty."""
     rows = orjson.loads(stored) if isinstance(stored, str | bytes) else stored
-    return [(str(name), base64.b64decode(value)) for name, value in rows]
+    return [(str(name), b"" if value is None else base64.b64decode(value)) for name, value in rows]
 
 
 def dlq_record(rejected: Rejected) -> tuple[bytes, list[tuple[str, bytes]]]:
@@ -36,7 +41,7 @@ def dlq_record(rejected: Rejected) -> tuple[bytes, list[tuple[str, bytes]]]:
     record = rejected.record
     value: bytes = record.value or b""
     headers = [
-        (name, value_)
+        (name, value_ or b"")
         for name, value_ in (record.headers or ())
         if not name.startswith(HEADER_PREFIX)
     ]

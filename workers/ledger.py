@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, NamedTuple
 
@@ -31,6 +31,9 @@ AlertKind = Literal[
     "auto_reload_failed",
     "auto_reload_disabled",
 ]
+
+# The expiry key of every grant that never expires: equal for all of them (see consumption_key).
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 # alert_id = uuid5(namespace, customer/seq/type): the same crossing always gets the same id.
 ALERT_NAMESPACE = uuid.UUID("6f0d6a4e-8d1b-4c55-9a57-0c1e2c3a7b10")
@@ -53,10 +56,15 @@ class Grant:
     changed: bool = False
 
     def consumption_key(self) -> tuple[bool, datetime, int, Decimal, datetime, int]:
-        """SPEC order: soonest expiry (never last), priority, lower cost basis, oldest."""
-        never = self.expires_at is None
-        expires = self.effective_at if self.expires_at is None else self.expires_at
-        return (never, expires, self.priority, self.cost_basis, self.effective_at, self.grant_id)
+        """SPEC order: soonest expiry (never last), priority, lower cost basis, oldest.
+
+        Grants that never expire all share one expiry key, so that priority and cost basis
+        decide among them; age (effective time, then arrival) only breaks the last tie.
+        """
+        expires = self.expires_at
+        if expires is None:
+            return (True, _NEVER, self.priority, self.cost_basis, self.effective_at, self.grant_id)
+        return (False, expires, self.priority, self.cost_basis, self.effective_at, self.grant_id)
 
 
 @dataclass(slots=True)

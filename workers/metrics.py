@@ -99,6 +99,22 @@ class Metrics:
         self.dead_letters = Counter(
             "chargeline_dead_letters", "Dead letters recorded, by reason.", ["reason"], registry=r
         )
+        # Exported from the start at 0, so that the first one is an increase an alert sees.
+        self.dead_letters.labels(reason="unprocessable")
+        self.isolations = Counter(
+            "chargeline_lane_isolations",
+            "Lane transactions that failed on their records and were applied again in pieces "
+            "to dead-letter the records to blame, by topic.",
+            ["topic"],
+            registry=r,
+        )
+        self.stalled_lanes = Gauge(
+            "chargeline_stalled_lanes",
+            "Lanes holding records not committed for longer than "
+            "CHARGELINE_LANE_STALL_TIMEOUT_S while Postgres answers.",
+            ["worker"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "chargeline_batch_size",
             "Records per applied batch.",

@@ -54,81 +54,138 @@ class Rejected:
     conflict: Conflict | None = None
 
 
+@dataclass(slots=True, frozen=True)
+class BareRecord:
+    """A record's position, time and bytes without its headers: what a dead letter keeps
+    when the headers themselves cannot be stored."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def of(cls, record: Record) -> BareRecord:
+        return cls(
+            record.topic, record.partition, record.offset, record.key, record.value,
+            record.timestamp,
+        )  # fmt: skip
+
+
 def raw_digest(value: bytes) -> bytes:
     """The digest stored with an event's dedup row, of the record value as it arrived:
     blake2b in 16 bytes, ample to tell one record's bytes from another's."""
     return hashlib.blake2b(value, digest_size=16).digest()
 
 
-def record_time(record: Record) -> datetime:
-    return datetime.fromtimestamp(record.timestamp / 1000, tz=UTC)
+def record_time(record: Record) -> datetime | None:
+    """The record's timestamp, or None when it is not a time (a producer may set any 64-bit
+    number of milliseconds; -1 means none)."""
+    timestamp = record.timestamp
+    if timestamp is None or not 0 <= timestamp <= _MAX_RECORD_TIMESTAMP_MS:
+        return None
+    return datetime.fromtimestamp(timestamp / 1000, tz=UTC)
+
+
+# 9999-12-31T23:59:59.999Z: the last millisecond a datetime can hold.
+_MAX_RECORD_TIMESTAMP_MS = 253_402_300_799_999
 
 
 def parse_records(
     records: Iterable[Record], *, accepted_types: frozenset[str], max_event_bytes: int
 ) -> tuple[list[Parsed], list[Rejected]]:
-    """Validate every record; return the events (in record order) and the rejections."""
+    """Validate every record; return the events (in record order) and the rejections.
+
+    Nothing a record holds may stop its neighbours: a record whose parsing raises anything
+    (a bug the validation did not foresee) is rejected as ``unprocessable``.
+    """
     parsed: list[Parsed] = []
     rejected: list[Rejected] = []
     append_times: dict[int, datetime] = {}
     for record in records:
-        value: bytes | None = record.value
-        if value is None:
-            rejected.append(Rejected(record, "invalid_json", "record has no value (tombstone)"))
-            continue
-        if len(value) > max_event_bytes:
-            rejected.append(
-                Rejected(
-                    record,
-                    "payload_too_large",
-                    f"record value is {len(value)} bytes, the limit is {max_event_bytes}",
-                )
-            )
-            continue
         try:
-            event = parse_event(value)
-        except EventRejected as exc:
-            rejected.append(Rejected(record, exc.reason, exc.detail))
-            continue
-        if event.type not in accepted_types:
-            rejected.append(
-                Rejected(
-                    record,
-                    "wrong_topic",
-                    f"{event.type} events are not accepted on {record.topic}",
-                    event.type,
-                )
-            )
-            continue
-        key: bytes | None = record.key
-        if key != event.customer_ref.encode():
-            shown = "no key" if key is None else f"key {key[:64]!r}"
-            rejected.append(
-                Rejected(
-                    record,
-                    "key_mismatch",
-                    f"record has {shown}, expected the customer_ref {event.customer_ref!r}",
-                    event.type,
-                )
-            )
-            continue
-        occurred_at = event.occurred_at
-        if occurred_at is None:
-            # Records of a batch share few timestamps (milliseconds): one datetime each.
-            occurred_at = append_times.get(record.timestamp)
-            if occurred_at is None:
-                occurred_at = append_times[record.timestamp] = record_time(record)
-        payload = canonical_json(event)
-        parsed.append(
-            Parsed(
-                record,
-                event,
-                payload,
-                hashlib.sha256(payload).digest(),
-                raw_digest(value),
-                occurred_at,
-                event.type,
-                event.dedup_key,
-            )
-        )
+            outcome = _parse_record(record, accepted_types, max_event_bytes, append_times)
+        except Exception as exc:
+            outcome = unprocessable(record, exc)
+        if isinstance(outcome, Parsed):
+            parsed.append(outcome)
+        else:
+            rejected.append(outcome)
     return parsed, rejected
+
+
+def unprocessable(record: Record, exc: BaseException, event_type: str = "unknown") -> Rejected:
+    """The rejection of a record that made the worker's own code (or Postgres) fail."""
+    return Rejected(record, "unprocessable", describe_exception(exc), event_type)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line naming the exception, storable as Postgres text (no NUL)."""
+    detail = f"{type(exc).__name__}: {exc}".replace("\x00", "\\0").replace("\n", " ")
+    return detail if len(detail) <= 500 else detail[:499] + "\u2026"
+
+
+def _parse_record(  # noqa: PLR0911 -- one return per way a record can fail, in order
+    record: Record,
+    accepted_types: frozenset[str],
+    max_event_bytes: int,
+    append_times: dict[int, datetime],
+) -> Parsed | Rejected:
+    value: bytes | None = record.value
+    if value is None:
+        return Rejected(record, "invalid_json", "record has no value (tombstone)")
+    if len(value) > max_event_bytes:
+        return Rejected(
+            record,
+            "payload_too_large",
+            f"record value is {len(value)} bytes, the limit is {max_event_bytes}",
+        )
+    try:
+        event = parse_event(value)
+    except EventRejected as exc:
+        return Rejected(record, exc.reason, exc.detail)
+    if event.type not in accepted_types:
+        return Rejected(
+            record,
+            "wrong_topic",
+            f"{event.type} events are not accepted on {record.topic}",
+            event.type,
+        )
+    key: bytes | None = record.key
+    if key != event.customer_ref.encode():
+        shown = "no key" if key is None else f"key {key[:64]!r}"
+        return Rejected(
+            record,
+            "key_mismatch",
+            f"record has {shown}, expected the customer_ref {event.customer_ref!r}",
+            event.type,
+        )
+    occurred_at = event.occurred_at
+    if occurred_at is None:
+        # Records of a batch share few timestamps (milliseconds): one datetime each.
+        occurred_at = append_times.get(record.timestamp)
+        if occurred_at is None:
+            occurred_at = record_time(record)
+            if occurred_at is None:
+                return Rejected(
+                    record,
+                    "invalid_event",
+                    f"occurred_at: Field required, as the record's timestamp "
+                    f"({record.timestamp} ms) is not a time to default it to",
+                    event.type,
+                )
+            append_times[record.timestamp] = occurred_at
+    payload = canonical_json(event)
+    return Parsed(
+        record,
+        event,
+        payload,
+        hashlib.sha256(payload).digest(),
+        raw_digest(value),
+        occurred_at,
+        event.type,
+        event.dedup_key,
+    )

@@ -12,7 +12,9 @@ each applied in a transaction of its own. The rules:
 4. once a part fails, the later parts of its lane are not applied (they would overtake the
    failed records) and every later batch fails with it: all are redelivered, and what was
    applied meanwhile on other lanes is absorbed by dedup on redelivery;
-5. at most ``max_batches`` are in flight; ``submit`` waits for the oldest to finish.
+5. at most ``max_batches`` are in flight; ``submit`` waits for the oldest to finish;
+6. a failure is reported the moment it happens (``on_failure``), not when the failed batch
+   is next waited for: a lane that failed must never sit unnoticed while the loop fetches.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class LaneBroken(Exception):
 
 
 class _InFlight(NamedTuple):
-    parts: list[asyncio.Task[Any]]
+    batch: Any
+    parts: list[Any]
+    tasks: list[asyncio.Task[Any]]
     finished: asyncio.Task[None]
 
 
@@ -49,10 +53,13 @@ class BatchPipeline(Generic[B, P, R]):
         apply: Callable[[B, P], Awaitable[R]],
         finish: Callable[[B, list[R]], Awaitable[None]],
         max_batches: int = 2,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._apply = apply
         self._finish = finish
         self.max_batches = max_batches
+        self._on_failure = on_failure
+        self.failure: BaseException | None = None  # the first failure reported
         self._in_flight: deque[_InFlight] = deque()  # oldest first
         self._lane_tails: dict[Hashable, asyncio.Task[R]] = {}
 
@@ -68,11 +75,33 @@ class BatchPipeline(Generic[B, P, R]):
         for part in parts:
             previous = self._lane_tails.get(part.lane)
             task = asyncio.create_task(self._apply_after(batch, part, previous))
+            task.add_done_callback(self._report_failure)
             self._lane_tails[part.lane] = task
             tasks.append(task)
         before = self._in_flight[-1].finished if self._in_flight else None
         finished = asyncio.create_task(self._finish_after(batch, tasks, before))
-        self._in_flight.append(_InFlight(list(tasks), finished))
+        finished.add_done_callback(self._report_failure)
+        self._in_flight.append(_InFlight(batch, list(parts), list(tasks), finished))
+
+    def unfinished(self) -> list[tuple[B, P]]:
+        """Every part not yet applied, with its batch, oldest batch first."""
+        return [
+            (flight.batch, part)
+            for flight in self._in_flight
+            for part, task in zip(flight.parts, flight.tasks, strict=True)
+            if not task.done()
+        ]
+
+    def _report_failure(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or self._on_failure is None:
+            return
+        exc = task.exception()
+        # Only the first: the later parts of its lane (LaneBroken) and every later batch
+        # fail because of it.
+        if exc is None or self.failure is not None:
+            return
+        self.failure = exc
+        self._on_failure(exc)
 
     async def settle(self) -> None:
         """Wait until every batch is finished (or raise what stopped one)."""
@@ -94,7 +123,7 @@ class BatchPipeline(Generic[B, P, R]):
 
     async def abandon(self) -> None:
         """Cancel whatever is in flight and wait until it has stopped."""
-        tasks = [task for batch in self._in_flight for task in (*batch.parts, batch.finished)]
+        tasks = [task for batch in self._in_flight for task in (*batch.tasks, batch.finished)]
         self._in_flight.clear()
         self._lane_tails.clear()
         for task in tasks:

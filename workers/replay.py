@@ -679,9 +679,10 @@ class _RealRun:
 
 # --- dead-letter replay ---------------------------------------------------------------------------
 
-# Reasons a second attempt can clear: the flow was resumed or created, the grant arrived.
-# The others (malformed, conflicting, too large) would only come back as new dead letters.
-RETRYABLE_REASONS = ("flow_paused", "unknown_flow", "unknown_grant")
+# Reasons a second attempt can clear: the flow was resumed or created, the grant arrived,
+# the bug that made a record unprocessable was fixed. The others (malformed, conflicting,
+# too large) would only come back as new dead letters.
+RETRYABLE_REASONS = ("flow_paused", "unknown_flow", "unknown_grant", "unprocessable")
 REPLAYED_FROM_HEADER = "chargeline.replayed-from"
 DLQ_PAGE = 500
 

@@ -17,11 +17,12 @@ import gc
 import os
 import signal
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+import asyncpg
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
@@ -38,8 +39,16 @@ from workers.known import LaneModes, known_records, peek
 from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
-from workers.parse import Parsed, Record, Rejected, parse_records
-from workers.pipeline import BatchPipeline
+from workers.parse import (
+    BareRecord,
+    Parsed,
+    Record,
+    Rejected,
+    describe_exception,
+    parse_records,
+    unprocessable,
+)
+from workers.pipeline import BatchPipeline, LaneBroken
 from workers.retry import Stopping, retry_transient
 from workers.settings import Settings
 
@@ -78,6 +87,12 @@ class Part:
 
     def __post_init__(self) -> None:
         self.probed = self.unparsed is not None
+
+    def records(self) -> list[Record]:
+        """The part's records, parsed or not."""
+        if self.unparsed is not None:
+            return self.unparsed
+        return [p.record for p in self.parsed] + [r.record for r in self.rejected]
 
 
 @dataclass
@@ -227,8 +242,26 @@ class BatchProcessor:
         stopping: asyncio.Event | None = None,
         before_commit: Callable[[str], None] | None = None,
     ) -> BatchResult:
-        """Apply one part in a transaction of its own, retried as a whole on outages."""
+        """Apply one part in a transaction of its own, retried as a whole on outages.
 
+        If its records make it fail (a constraint, a bug, a value nothing foresaw), the part
+        is applied again in pieces to find the records to blame: each is dead-lettered
+        ``unprocessable`` and the others are applied, in order. A lane never stops on data.
+        """
+        try:
+            return await self._transact(pool, part, stopping, before_commit)
+        except Exception as exc:
+            if not is_record_fault(exc):
+                raise
+            return await self._isolate(pool, part, exc, stopping)
+
+    async def _transact(
+        self,
+        pool: Any,
+        part: Part,
+        stopping: asyncio.Event | None,
+        before_commit: Callable[[str], None] | None = None,
+    ) -> BatchResult:
         async def attempt() -> BatchResult:
             async with pool.acquire() as conn, conn.transaction():
                 result = await self.apply(conn, [part])
@@ -238,12 +271,116 @@ class BatchProcessor:
 
         return await retry_transient(
             attempt,
-            is_transient=db.is_transient,
+            is_transient=db.is_retried,
             component="postgres",
             settings=self.settings,
             metrics=self.metrics,
             stopping=stopping,
         )
+
+    async def _isolate(
+        self, pool: Any, part: Part, failure: Exception, stopping: asyncio.Event | None
+    ) -> BatchResult:
+        """Apply ``part`` in halves, each in a transaction of its own, down to the records
+        that fail on their own; dead-letter those. Innocent records apply in order: the
+        first half before the second, at every level."""
+        topic, lane = part.lane
+        if part.unparsed is not None:  # it failed while looking up known records
+            part.parsed, part.rejected = self._parse(part.handler, part.unparsed)
+            part.unparsed = None
+        items: list[Parsed | Rejected] = sorted(
+            [*part.parsed, *part.rejected],
+            key=lambda item: (item.record.partition, item.record.offset),
+        )
+        log.error(
+            "lane_apply_failed",
+            topic=topic,
+            lane=lane,
+            records=len(items),
+            offsets=_offset_ranges(item.record for item in items),
+            error=describe_exception(failure),
+            action="applying in pieces to find the records to blame",
+        )
+        self.metrics.isolations.labels(topic=topic).inc()
+        result = BatchResult()
+        # Duplicates recognised before the failure were only read: they stand.
+        for (known_topic, event_type), n in part.known.items():
+            result.counts[(known_topic, event_type, _DUPLICATE)] += n
+            result.known += n
+        pending: deque[list[Parsed | Rejected]] = deque([items])
+        while pending:
+            chunk = pending.popleft()
+            piece = Part(
+                part.lane,
+                part.handler,
+                [item for item in chunk if isinstance(item, Parsed)],
+                [item for item in chunk if isinstance(item, Rejected)],
+            )
+            try:
+                result.add(await self._transact(pool, piece, stopping))
+            except Exception as exc:
+                if not is_record_fault(exc):
+                    raise
+                if len(chunk) > 1:
+                    half = len(chunk) // 2
+                    pending.extendleft([chunk[half:], chunk[:half]])  # first half first
+                else:
+                    result.add(await self._dead_letter_culprit(pool, chunk[0], exc, stopping))
+        return result
+
+    async def _dead_letter_culprit(
+        self,
+        pool: Any,
+        item: Parsed | Rejected,
+        failure: Exception,
+        stopping: asyncio.Event | None,
+    ) -> BatchResult:
+        record = item.record
+        rejected = unprocessable(record, failure, item.event_type)
+        log.error(
+            "record_unprocessable",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            event_type=item.event_type,
+            error=rejected.detail,
+        )
+
+        async def write(rejected: Rejected) -> Counter[str]:
+            async def attempt() -> Counter[str]:
+                async with pool.acquire() as conn, conn.transaction():
+                    return await record_dead_letters(
+                        conn, [rejected], dlq_topic=self.settings.topic_dlq
+                    )
+
+            return await retry_transient(
+                attempt,
+                is_transient=db.is_retried,
+                component="postgres",
+                settings=self.settings,
+                metrics=self.metrics,
+                stopping=stopping,
+            )
+
+        try:
+            dead = await write(rejected)
+        except Exception as exc:
+            if not is_record_fault(exc):
+                raise
+            # What the record carries besides its bytes (its headers) cannot be stored: keep
+            # the position, the bytes and the reason, which is all a replay needs.
+            log.exception(
+                "dead_letter_headers_dropped",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                error=describe_exception(exc),
+            )
+            rejected.record = BareRecord.of(record)
+            dead = await write(rejected)
+        result = BatchResult(dead_letters=dead)
+        result.counts[(record.topic, item.event_type, _invalid_outcome(rejected))] += 1
+        return result
 
 
 class _Batch(NamedTuple):
@@ -268,6 +405,17 @@ def tune_gc_for_batches() -> None:
 
 
 _DUPLICATE = Outcome.DUPLICATE.value
+
+
+def is_record_fault(exc: BaseException) -> bool:
+    """True when applying failed because of the records being applied: not an outage, not a
+    database set up wrong, not a shutdown."""
+    return not isinstance(exc, Stopping | LaneBroken) and not db.is_retried(exc)
+
+
+def _offset_ranges(records: Iterable[Record]) -> dict[str, str]:
+    spans = partition_spans(list(records))
+    return {f"{topic}[{partition}]": f"{lo}-{hi}" for (topic, partition), (lo, hi) in spans.items()}
 
 
 def _invalid_outcome(rejected: Rejected) -> str:
@@ -334,10 +482,31 @@ class ConsumerLoop(WorkerLoop):
         # Batches being applied and committed while the next one is fetched and parsed: the
         # worker's CPU work overlaps Postgres's, and memory holds one batch more than these.
         self.in_flight: BatchPipeline[_Batch, Part, BatchResult] = BatchPipeline(
-            apply=self._transact, finish=self._finish, max_batches=settings.batches_in_flight
+            apply=self._transact,
+            finish=self._finish,
+            max_batches=settings.batches_in_flight,
+            on_failure=self._on_lane_failure,
         )
         self.totals = BatchResult()
         self.batches = 0
+        self.stalled: dict[tuple[str, int], dict[str, int]] = {}  # lane -> oldest offsets
+
+    @property
+    def ready(self) -> bool:
+        return super().ready and not self.stalled
+
+    def _on_lane_failure(self, exc: BaseException) -> None:
+        """A part or a batch failed: say so now and stop fetching. The loop then raises it,
+        which takes the process down to be restarted; its batches are redelivered."""
+        if isinstance(exc, Stopping):
+            return  # a stop request met an outage: the loop reports it on its way out
+        log.error(
+            "lane_failed",
+            worker=self.name,
+            error=describe_exception(exc),
+            exc_info=exc,
+        )
+        self.stop()
 
     def _failpoint(self, point: str, batch: int) -> None:
         """Fault tests only (``CHARGELINE_FAILPOINT``): die here, as a SIGKILL would."""
@@ -351,12 +520,15 @@ class ConsumerLoop(WorkerLoop):
     async def run(self) -> None:
         listener = _RebalanceListener(self)
         self.consumer.subscribe(self.processor.topics, listener=listener)
+        watchdog: asyncio.Task[None] | None = None
         try:
             if not await self._start():
                 return
             self.started.set()
             self.metrics.ready.labels(worker=self.name).set(1)
+            self.metrics.stalled_lanes.labels(worker=self.name).set(0)
             log.info("worker_started", worker=self.name, topics=self.processor.topics)
+            watchdog = asyncio.create_task(self._watch_lanes(), name=f"{self.name}-watchdog")
             while not self.stopping.is_set():
                 # During a rebalance getmany waits for the new assignment with no deadline:
                 # a stop request must not wait for it.
@@ -369,7 +541,7 @@ class ConsumerLoop(WorkerLoop):
                 if batches is None:
                     break
                 records = [record for tp_records in batches.values() for record in tp_records]
-                if records:
+                if records and self.in_flight.failure is None:
                     async with self.batch_lock:
                         await self._submit(records)
                 self._update_lag()
@@ -378,6 +550,10 @@ class ConsumerLoop(WorkerLoop):
             log.warning("worker_stopped_with_batch_unapplied", worker=self.name, reason=str(exc))
         finally:
             self.metrics.ready.labels(worker=self.name).set(0)
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
             await self._abandon_in_flight()
             try:
                 # Leaving the group lets the others take the partitions at once; if the
@@ -523,6 +699,52 @@ class ConsumerLoop(WorkerLoop):
             db_ms=round(db_s * 1000, 1),
             offsets_ms=round(offsets_s * 1000, 1),
         )
+
+    async def _watch_lanes(self) -> None:
+        """Report every lane that holds records and has not committed them for longer than
+        ``lane_stall_timeout_s`` while Postgres answers: a lock never released, a database
+        refusing every attempt. An outage is not a stall (the retries report it)."""
+        timeout = self.settings.lane_stall_timeout_s
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            now = time.monotonic()
+            late: dict[tuple[str, int], tuple[float, dict[str, int]]] = {}
+            for batch, part in self.in_flight.unfinished():
+                if now - batch.submitted <= timeout:
+                    continue
+                _, oldest = late.setdefault(part.lane, (batch.submitted, {}))
+                for record in part.records():
+                    name = f"{record.topic}[{record.partition}]"
+                    oldest[name] = min(oldest.get(name, record.offset), record.offset)
+            if late and not await self._postgres_answers():
+                late = {}
+            for lane, (since, oldest) in late.items():
+                if lane not in self.stalled:
+                    log.error(
+                        "lane_stalled",
+                        worker=self.name,
+                        lane=f"{lane[0]}[partition % {self.settings.batch_lanes} = {lane[1]}]",
+                        oldest_offsets=oldest,
+                        waiting_s=round(now - since, 1),
+                    )
+            for lane in self.stalled.keys() - late.keys():
+                log.info("lane_stall_over", worker=self.name, lane=f"{lane[0]}[{lane[1]}]")
+            self.stalled = {lane: oldest for lane, (_, oldest) in late.items()}
+            self.metrics.stalled_lanes.labels(worker=self.name).set(len(self.stalled))
+
+    async def _postgres_answers(self) -> bool:
+        # A connection of its own: the pool's may all be held by the stalled lanes.
+        try:
+            conn = await asyncpg.connect(self.settings.dsn, timeout=5)
+        except Exception:
+            return False
+        try:
+            await conn.fetchval("SELECT 1", timeout=5)
+        except Exception:
+            return False
+        finally:
+            await conn.close(timeout=5)
+        return True
 
     def _update_lag(self) -> None:
         for tp in self.consumer.assignment():

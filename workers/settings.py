@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(
         default=65_536, ge=1024, description="Records larger than this are dead-lettered."
     )
+    lane_stall_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A lane holding records that has not committed for this long while "
+        "Postgres answers is reported stalled (log, metric, /readyz).",
+    )
     retry_initial_ms: int = Field(default=200, ge=1)
     retry_max_ms: int = Field(default=10_000, ge=1)
     outbox_batch_size: int = Field(default=1000, ge=1)

@@ -124,7 +124,7 @@ class UsageHandler:
                     grant.tokens,
                     grant.cost_basis,
                     grant.currency,
-                    grant.effective_at or parsed.occurred_at,
+                    effective_time(grant, parsed.occurred_at),
                     grant.expires_at,
                     grant.priority,
                     grant.source,
@@ -205,13 +205,26 @@ class UsageHandler:
         return ledger
 
 
+def effective_time(event: CreditGrantEvent, occurred_at: datetime) -> datetime:
+    """When a grant's tokens become usable: ``effective_at`` if given, else when the grant
+    occurred, but never after its expiry. A grant that expired before it occurred (an old
+    purchase sent by a backfill) is effective at its expiry, so it is credited and expired
+    at once instead of breaking the rule that a grant expires no earlier than it starts."""
+    if event.effective_at is not None:
+        return event.effective_at
+    expires_at = event.expires_at
+    if expires_at is not None and expires_at < occurred_at:
+        return expires_at
+    return occurred_at
+
+
 def new_grant(grant_id: int, event: CreditGrantEvent, occurred_at: datetime) -> Grant:
     return Grant(
         grant_id=grant_id,
         reference=event.reference,
         tokens=event.tokens,
         remaining=0,
-        effective_at=event.effective_at or occurred_at,
+        effective_at=effective_time(event, occurred_at),
         expires_at=event.expires_at,
         priority=event.priority,
         cost_basis=event.cost_basis,

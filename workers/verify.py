@@ -33,6 +33,8 @@ CHECKS: list[tuple[int, str, str, str]] = [
     (2, "grants", "verify_grants", "a grant's tokens left differ from its ledger entries"),
     (2, "ledger_sequence", "verify_ledger_sequence",
      "ledger entries out of sequence, or balance_after not a running sum"),
+    (2, "consumption_order", "verify_consumption_order",
+     "a usage paid by a grant while a grant earlier in consumption order had tokens left"),
     (2, "ledger_references", "verify_ledger_references",
      "a ledger entry whose grant, usage event or void does not exist"),
     (3, "charge_flows", "verify_charge_flows", "a charge whose flow does not exist"),

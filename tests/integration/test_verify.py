@@ -116,3 +116,42 @@ async def test_verify_finds_a_charge_claimed_by_two_payouts(settings: Settings) 
     [violation] = report["violations"]
     assert (violation["invariant"], violation["check"]) == (3, "payouts")
     assert violation["rows"][0]["payout_id"].endswith("-copy")
+
+
+async def test_verify_finds_usage_paid_out_of_consumption_order(settings: Settings) -> None:
+    """The ledger paid g-new for u1, as it must (priority 0 and cost 0 before priority 3);
+    entries rewritten so g-old paid instead, with every sum still right, are found."""
+    await setup_pipeline(settings, partitions=1)
+    events = [
+        grant("x", "g-old", 100, priority=3),
+        grant("x", "g-new", 100, cost_basis="0"),
+        usage("x", "u1", 50),
+    ]
+    async with running_worker(settings, "usage") as process:
+        await produce(settings, settings.topic_usage, [record(e) for e in events])
+        await wait_for(functools.partial(ingest_done, process, 3), what="3 records")
+    code, report = verdict(settings)
+    assert (code, report["violations"]) == (0, [])
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        ids = dict(await conn.fetch("SELECT reference, grant_id FROM grants"))
+        assert (
+            await conn.fetchval("SELECT grant_id FROM ledger_entries WHERE reference = 'u1'")
+            == ids["g-new"]
+        )
+        await conn.execute(
+            "UPDATE ledger_entries SET grant_id = $1 WHERE reference = 'u1'", ids["g-old"]
+        )
+        await conn.execute(
+            "UPDATE grants SET remaining = CASE reference WHEN 'g-old' THEN 50 ELSE 100 END"
+        )
+    finally:
+        await conn.close()
+    code, report = verdict(settings)
+    assert code == 1
+    [violation] = report["violations"]
+    assert violation["check"] == "consumption_order"
+    assert violation["rows"] == [
+        {"customer_ref": "x", "seq": 3, "usage_reference": "u1", "paid_by": "g-old",
+         "passed_over": "g-new"}
+    ]  # fmt: skip

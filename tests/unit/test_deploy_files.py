@@ -68,6 +68,8 @@ ALERTS = {
     "ChargelineWorkerNotReady",
     "ChargelineConsumerLagGrowing",
     "ChargelineDeadLetterRate",
+    "ChargelineUnprocessableRecord",
+    "ChargelineLaneStalled",
     "ChargelineOutboxStuck",
     "ChargelineInfrastructureRetries",
     "ChargelineReloadFailures",

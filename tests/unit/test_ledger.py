@@ -222,3 +222,34 @@ def test_a_grant_whose_last_token_goes_is_used_and_can_still_be_voided() -> None
     assert ledger.void("c", "small", "void-small", void_id=1)
     assert small.status == "voided" and len(ledger.changes.entries) == entries_before
     check_invariants(ledger)
+
+
+def test_grants_that_never_expire_are_consumed_by_priority_then_cost_basis_not_age() -> None:
+    """Among never-expiring grants, age only breaks the last tie: a newer grant of lower
+    priority (or cheaper, at equal priority) pays first."""
+    ledger = Ledger({}, NOW)
+    old = grant("g-old", 100, priority=3, cost_basis="0.0001", created=NOW - timedelta(days=9))
+    new = grant("g-new", 100, priority=0, cost_basis="0", created=NOW - timedelta(days=1))
+    ledger.grant("x", old, "g-old")
+    ledger.grant("x", new, "g-new")
+    ledger.usage("x", "u1", 50, usage_id=1)
+    assert (old.remaining, new.remaining) == (100, 50)
+    ledger.void("x", "g-new", "v1", void_id=1)
+    assert ledger.customers["x"].balance == 100
+    assert old.remaining == 100
+    cheap = grant("g-cheap", 10, priority=3, cost_basis="0.00001")
+    ledger.grant("x", cheap, "g-cheap")
+    ledger.usage("x", "u2", 5, usage_id=2)
+    assert (old.remaining, cheap.remaining) == (100, 5)
+    check_invariants(ledger)
+
+
+def test_a_grant_that_expires_is_consumed_before_any_that_never_does() -> None:
+    ledger = Ledger({}, NOW)
+    never = grant("never", 100, priority=0, cost_basis="0")
+    later = grant("later", 100, priority=9, cost_basis="1", expires_in=timedelta(days=3650))
+    ledger.grant("x", never, "never")
+    ledger.grant("x", later, "later")
+    ledger.usage("x", "u1", 30, usage_id=1)
+    assert (never.remaining, later.remaining) == (100, 70)
+    check_invariants(ledger)

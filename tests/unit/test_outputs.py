@@ -166,6 +166,8 @@ def test_dead_letter_reasons() -> None:
         "payload_too_large",
         "key_mismatch",
         "wrong_topic",
+        "unknown_grant",
+        "unprocessable",
     )
 
 

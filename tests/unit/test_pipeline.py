@@ -138,7 +138,7 @@ async def test_a_lane_broken_by_a_failure_says_so() -> None:
     rec.gate("a1").set()
     await pipe.quiesce()
     assert rec.log == ["start a1", "fail a1"]
-    broken = pipe._in_flight[-1].parts[0]  # the lane's second part
+    broken = pipe._in_flight[-1].tasks[0]  # the lane's second part
     assert isinstance(broken.exception(), LaneBroken)
     await pipe.abandon()
 
@@ -154,3 +154,34 @@ async def test_abandon_cancels_running_parts() -> None:
     rec.gate("a1").set()
     await settle_loop()
     assert rec.log == ["start a1"]
+
+
+async def test_a_failure_is_reported_when_it_happens_once_and_unfinished_parts_are_listed() -> None:
+    rec = Recorder()
+    reported: list[BaseException] = []
+    pipe: BatchPipeline[str, Piece, str] = BatchPipeline(
+        apply=rec.apply, finish=rec.finish, max_batches=2, on_failure=reported.append
+    )
+    rec.failing.add("a1")
+    await pipe.submit("b1", [Piece("a", "a1"), Piece("b", "b1")])
+    await pipe.submit("b2", [Piece("a", "a2"), Piece("b", "b2")])
+    await settle_loop()
+    assert [(batch, piece.name) for batch, piece in pipe.unfinished()] == [
+        ("b1", "a1"),
+        ("b1", "b1"),
+        ("b2", "a2"),
+        ("b2", "b2"),
+    ]
+    rec.gate("a1").set()
+    await settle_loop()
+    # Reported before anything waits for the batch, and only the first failure: the lane's
+    # next part and the later batches fail because of it.
+    assert [str(exc) for exc in reported] == ["a1 failed"]
+    assert pipe.failure is reported[0]
+    for name in ("b1", "b2"):
+        rec.gate(name).set()
+    await settle_loop()
+    assert [str(exc) for exc in reported] == ["a1 failed"]
+    assert pipe.unfinished() == []
+    with pytest.raises(RuntimeError, match="a1 failed"):
+        await pipe.settle()

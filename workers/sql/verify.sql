@@ -79,6 +79,48 @@ FROM (
 WHERE balance_after <> running OR seq <> position
 LIMIT $1;
 
+-- name: verify_consumption_order
+-- No usage paid by a grant while a grant earlier in consumption order (soonest expiry, never
+-- expiring last; priority; cost basis; age) had tokens left. A grant holds tokens from the
+-- entry that credits it until the entry that takes its last one (what is left never grows
+-- back), so each grant is one interval of the customer's sequence numbers, and the check is
+-- a join of usage entries to the intervals around them. Entries written before migration
+-- 0013 were made under an older order for grants that never expire and are not checked
+-- (schemas/README.md says how to audit them).
+WITH running AS (
+    SELECT grant_id, seq, grant_delta,
+           sum(grant_delta) OVER (PARTITION BY grant_id ORDER BY seq) AS remaining
+    FROM ledger_entries
+    WHERE grant_id IS NOT NULL
+),
+held AS (
+    SELECT grant_id,
+           min(seq) FILTER (WHERE grant_delta > 0) AS from_seq,
+           min(seq) FILTER (WHERE grant_delta < 0 AND remaining = 0) AS until_seq
+    FROM running
+    GROUP BY grant_id
+),
+since AS (
+    SELECT coalesce(
+        (SELECT applied_at FROM schema_migrations WHERE version LIKE '0013\_%'), '-infinity'
+    ) AS at
+)
+SELECT u.customer_ref, u.seq, u.reference AS usage_reference, g.reference AS paid_by,
+       h.reference AS passed_over
+FROM ledger_entries u
+JOIN grants g ON g.grant_id = u.grant_id
+JOIN grants h ON h.customer_ref = u.customer_ref AND h.grant_id <> g.grant_id
+JOIN held ON held.grant_id = h.grant_id
+WHERE u.kind = 'usage'
+  AND u.created_at >= (SELECT at FROM since)
+  AND held.from_seq < u.seq AND (held.until_seq IS NULL OR held.until_seq > u.seq)
+  AND (h.expires_at IS NULL, coalesce(h.expires_at, '-infinity'), h.priority, h.cost_basis,
+       h.effective_at, h.grant_id)
+    < (g.expires_at IS NULL, coalesce(g.expires_at, '-infinity'), g.priority, g.cost_basis,
+       g.effective_at, g.grant_id)
+ORDER BY u.customer_ref, u.seq
+LIMIT $1;
+
 -- name: verify_ledger_references
 -- Every entry's grant, usage event and void exists (the ledger has no foreign keys: 0005).
 SELECT e.entry_id, e.customer_ref, e.seq, e.kind, e.grant_id, e.usage_id, e.void_id
