@@ -1,5 +1,5 @@
-"""Poison records interleaved with valid events (issue 8, fault 6): invalid JSON, invalid
-UTF-8, schema violations, huge values, a 2 MiB record, wrong and missing keys. Each is
+"""Poison records interleaved with valid events: invalid JSON, invalid UTF-8, schema
+violations, huge values, a 2 MiB record, wrong and missing keys, instants out of range. Each is
 dead-lettered exactly once with its reason (in Postgres and on billing.dlq), the valid
 events around it are applied, and the worker never crashes or restarts."""
 
@@ -72,6 +72,15 @@ def poison_records() -> list[tuple[str, bytes | None, bytes | None, str, str]]:
         ("usage", b"c1", charge_bytes(), "wrong_topic", "a charge on the usage topic"),
         ("charges", b"c1", charge_bytes(flow_id="no_such_flow"), "unknown_flow",
          "a charge of an unknown flow"),
+        ("charges", b"c1", charge_bytes(occurred_at="0001-01-01T00:00:00+01:00"),
+         "invalid_event", "an occurred_at in year 0 once in UTC"),
+        ("usage", b"c1", b'{"type":"credit_grant","customer_ref":"c1","reference":"g",'
+         b'"tokens":5,"cost_basis":"0","currency":"USD","source":"plan",'
+         b'"expires_at":"9999-12-31T23:59:59-01:00"}', "invalid_event",
+         "an expires_at in year 10000 once in UTC"),
+        ("usage", b"c1", b'{"type":"credit_void","customer_ref":"c1","reference":"v",'
+         b'"grant_reference":"never-granted","reason":"refund"}', "unknown_grant",
+         "a void of a grant that does not exist"),
     ]  # fmt: skip
 
 
