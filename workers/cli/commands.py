@@ -13,7 +13,7 @@ import orjson
 from workers import db
 from workers.app import WORKER_KINDS, WorkerProcess
 from workers.cli.output import emit_object, emit_rows, to_json
-from workers.errors import NotFoundError, UsageError
+from workers.errors import NotFoundError, UsageError, require_local_extra
 from workers.kafka import ensure_topics
 from workers.publish import publish_file
 from workers.settings import Settings
@@ -52,6 +52,7 @@ async def worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def bench(settings: Settings, args: argparse.Namespace) -> int:
+    require_local_extra("bench")
     from workers.bench import run_bench  # the harness is only imported when asked for
 
     await run_bench(
@@ -66,6 +67,7 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def dev(settings: Settings, args: argparse.Namespace) -> int:
+    require_local_extra("dev")
     from workers.dev import run_dev  # the embedded stack is only imported when asked for
 
     return await run_dev(settings, keep_running=args.keep_running)
