@@ -1,7 +1,7 @@
 """One settings class for every process: environment variables prefixed ``CHARGELINE_``.
 
 The names in SPEC.md section 11 are fixed (deployments depend on them); the tuning knobs
-below them are ours and listed in the README. What the algorithm depends on (manual offset
+below them are ours and listed in deploy/README.md. What the algorithm depends on (manual offset
 commits, read-committed isolation of the consumer) is hard-coded where it is used, not
 exposed here.
 """
