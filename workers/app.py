@@ -14,6 +14,7 @@ from workers.charges import ChargesHandler
 from workers.expiry import ExpiryWorker
 from workers.http import start_http
 from workers.kafka import make_consumer, make_producer
+from workers.kinds import INGEST_KINDS, PERIODIC_KINDS, WORKER_KINDS
 from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
@@ -27,17 +28,16 @@ from workers.verify import VerifyWorker
 
 log = get_logger("chargeline.app")
 
-# Worker kinds a process can run. `all` runs every one in one process: ingest handlers
-# share one consumer (one group member); the relay and the periodic workers run beside it,
-# each on its own pooled connection, so none of them blocks ingestion.
-INGEST_KINDS = ("charges", "usage")
+# `all` runs every kind in one process: ingest handlers share one consumer (one group
+# member); the relay and the periodic workers run beside it, each on its own pooled
+# connection, so none of them blocks ingestion.
 PERIODIC_WORKERS: dict[str, Callable[[Settings, Any, Metrics], Any]] = {
     "expiry": ExpiryWorker,
     "reloads": ReloadWorker,
     "payouts": PayoutWorker,
     "verify": VerifyWorker,
 }
-WORKER_KINDS = ("all", *INGEST_KINDS, "outbox", *PERIODIC_WORKERS)
+assert tuple(PERIODIC_WORKERS) == PERIODIC_KINDS
 
 
 def build_handlers(settings: Settings, kinds: Sequence[str]) -> list[Handler]:

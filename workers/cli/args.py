@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, date, datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from workers.errors import UsageError
 
@@ -57,3 +57,25 @@ def identifier(text: str) -> str:
     if not 1 <= len(text) <= 200 or not text.isprintable():
         raise argparse.ArgumentTypeError(f"expected 1-200 printable characters, got {text!r}")
     return text
+
+
+def add_format(parser: argparse.ArgumentParser, *, csv: bool = True) -> None:
+    """``--format table|json[|csv]``: every command that prints data takes it."""
+    choices = ("table", "json", "csv") if csv else ("table", "json")
+    parser.add_argument("--format", choices=choices, default="table", help="output format")
+
+
+def add_noun(
+    nouns: argparse._SubParsersAction[Parser], noun: str, **options: Any
+) -> argparse.ArgumentParser:
+    """The parser of ``noun``, with its one-line help from ``workers.cli.nouns``."""
+    from workers.cli.nouns import NOUNS
+
+    return nouns.add_parser(noun, help=NOUNS[noun].help, **options)
+
+
+def add_actions(
+    nouns: argparse._SubParsersAction[Parser], noun: str
+) -> argparse._SubParsersAction[Parser]:
+    """``noun``'s parser, for a noun whose commands are actions (``flows create``...)."""
+    return add_noun(nouns, noun).add_subparsers(dest="action", required=True, parser_class=Parser)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import uuid
-from typing import Any
 
 from schemas.currency import ACTIVE_CURRENCIES
 from workers import db
-from workers.cli.args import Parser, identifier, positive_int
+from workers.cli.args import Parser, add_actions, add_format, identifier, positive_int
 from workers.cli.output import emit_object
 from workers.errors import ChargelineError, UsageError
 from workers.metrics import Metrics
@@ -38,10 +37,8 @@ def on_off(text: str) -> bool:
     return text == "on"
 
 
-def register(nouns: Any) -> None:
-    customers = nouns.add_parser("customers", help="customer billing settings").add_subparsers(
-        dest="action", required=True, parser_class=Parser
-    )
+def add_customers(nouns: argparse._SubParsersAction[Parser]) -> None:
+    customers = add_actions(nouns, "customers")
     configure = customers.add_parser("configure", help="Stripe customer, auto-reload, low balance")
     configure.add_argument("customer", type=identifier, metavar="CUSTOMER")
     configure.add_argument("--stripe-customer", metavar="ID", help="Stripe customer id (cus_...)")
@@ -51,18 +48,18 @@ def register(nouns: Any) -> None:
     configure.add_argument("--reload-price", type=positive_int, metavar="MINOR_UNITS")
     configure.add_argument("--currency", type=currency, metavar="CODE")
     configure.add_argument("--low-balance-threshold", type=non_negative_int, metavar="TOKENS")
-    configure.add_argument("--format", choices=("table", "json"), default="table")
+    add_format(configure, csv=False)
     configure.set_defaults(run=configure_customer)
 
-    credits = nouns.add_parser("credits", help="prepaid credits").add_subparsers(
-        dest="action", required=True, parser_class=Parser
-    )
+
+def add_credits(nouns: argparse._SubParsersAction[Parser]) -> None:
+    credits = add_actions(nouns, "credits")
     topup = credits.add_parser("topup", help="charge the customer through Stripe, grant tokens")
     topup.add_argument("customer", type=identifier, metavar="CUSTOMER")
     topup.add_argument("--tokens", type=positive_int, required=True)
     topup.add_argument("--price", type=positive_int, required=True, metavar="MINOR_UNITS")
     topup.add_argument("--currency", type=currency, required=True, metavar="CODE")
-    topup.add_argument("--format", choices=("table", "json"), default="table")
+    add_format(topup, csv=False)
     topup.set_defaults(run=credits_topup)
 
 

@@ -13,7 +13,16 @@ from typing import Any
 import asyncpg
 
 from workers import db
-from workers.cli.args import Parser, identifier, positive_int, timestamp
+from workers.cli.args import (
+    Parser,
+    add_actions,
+    add_format,
+    add_noun,
+    identifier,
+    positive_int,
+    timestamp,
+)
+from workers.cli.database import connect
 from workers.cli.output import emit_object, emit_rows
 from workers.errors import NotFoundError, UsageError
 from workers.settings import Settings
@@ -42,24 +51,21 @@ BALANCE_TABLE_COLUMNS = [
 USAGE_COLUMNS = ["customer_ref", "period_start", "feature", "events", "tokens"]
 
 
-def register(nouns: argparse._SubParsersAction[Parser]) -> None:
-    """Add ``balances show|list`` and ``usage`` to the ``chargeline`` parser."""
-    balances = nouns.add_parser(
-        "balances", help="token balances, grants with remaining and expiry, alert state"
-    ).add_subparsers(dest="action", required=True, parser_class=Parser)
+def add_balances(nouns: argparse._SubParsersAction[Parser]) -> None:
+    balances = add_actions(nouns, "balances")
     show = balances.add_parser("show", help="one customer's balance, grants and recent alerts")
     show.add_argument("customer", type=identifier, metavar="CUSTOMER")
-    _format(show)
+    add_format(show)
     show.set_defaults(run=balances_show)
     listing = balances.add_parser("list", help="customers with balances, lowest first")
     listing.add_argument("--depleted", action="store_true", help="only balances <= 0")
     listing.add_argument("--limit", type=positive_int, default=100)
-    _format(listing)
+    add_format(listing)
     listing.set_defaults(run=balances_list)
 
-    usage = nouns.add_parser(
-        "usage", help="tokens used per period (UTC) and feature, over a date range"
-    )
+
+def add_usage(nouns: argparse._SubParsersAction[Parser]) -> None:
+    usage = add_noun(nouns, "usage")
     usage.add_argument("customer", type=identifier, metavar="CUSTOMER")
     usage.add_argument(
         "--since", type=timestamp, help="occurred at or after (default: start of this month, UTC)"
@@ -67,19 +73,8 @@ def register(nouns: argparse._SubParsersAction[Parser]) -> None:
     usage.add_argument("--until", type=timestamp, help="occurred before (default: now)")
     usage.add_argument("--granularity", choices=("day", "month"), default="day")
     usage.add_argument("--feature", help="only this feature")
-    _format(usage)
+    add_format(usage)
     usage.set_defaults(run=usage_report)
-
-
-def _format(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--format", choices=("table", "json", "csv"), default="table", help="output format"
-    )
-
-
-async def _connect(settings: Settings) -> asyncpg.Connection:
-    conn: asyncpg.Connection = await asyncpg.connect(settings.dsn, timeout=10)
-    return conn
 
 
 def _rows(records: list[asyncpg.Record]) -> list[dict[str, Any]]:
@@ -88,7 +83,7 @@ def _rows(records: list[asyncpg.Record]) -> list[dict[str, Any]]:
 
 async def balances_show(settings: Settings, args: argparse.Namespace) -> int:
     """One customer: balance, overage, alert state, every grant, the last alerts."""
-    conn = await _connect(settings)
+    conn = await connect(settings)
     try:
         # One snapshot, so that balance = sum(remaining) - overage holds in what is shown
         # even while a worker is applying a batch for this customer.
@@ -116,7 +111,7 @@ async def balances_show(settings: Settings, args: argparse.Namespace) -> int:
 
 async def balances_list(settings: Settings, args: argparse.Namespace) -> int:
     """Customers, lowest balance first; ``--depleted``: only those at or below zero."""
-    conn = await _connect(settings)
+    conn = await connect(settings)
     try:
         rows = _rows(await conn.fetch(db.QUERIES["balance_list"], args.depleted, args.limit))
     finally:
@@ -137,7 +132,7 @@ async def usage_report(settings: Settings, args: argparse.Namespace) -> int:
     until: datetime = args.until or now
     if since >= until:
         raise UsageError(f"--since ({_time(since)}) must be before --until ({_time(until)})")
-    conn = await _connect(settings)
+    conn = await connect(settings)
     try:
         if not await conn.fetchval(db.QUERIES["customer_exists"], args.customer):
             raise NotFoundError(f"no customer {args.customer!r}")

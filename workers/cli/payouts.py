@@ -1,6 +1,6 @@
-"""``chargeline payouts run|list|show|send``, ``payees configure|list`` and ``flows update``.
+"""``chargeline payouts run|list|show|send`` and ``payees configure|list``.
 
-Registered through ``COMMAND_MODULES`` in ``main``. Payout fields (SPEC.md section 8):
+Payout fields (SPEC.md section 8):
 ``payout_id, payee_ref, currency, period_start, period_end, charge_count, amount, status``.
 """
 
@@ -12,11 +12,11 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-import orjson
 import stripe
 
 from workers import db
-from workers.cli.args import Parser, identifier, positive_int, timestamp
+from workers.cli.args import Parser, add_actions, add_format, identifier, positive_int, timestamp
+from workers.cli.database import connect
 from workers.cli.output import emit_object, emit_rows
 from workers.errors import ChargelineError, NotFoundError, UsageError
 from workers.metrics import Metrics
@@ -54,11 +54,8 @@ FLOW_COLUMNS = ["flow_id", "name", "payee_ref", "status", "last_charge_at", "cha
 PAYOUT_STATUSES = ("recorded", "pending", "sent", "failed")
 
 
-def register(nouns: argparse._SubParsersAction[Parser]) -> None:
-    """Add ``payouts`` and ``payees``, and ``update`` to the existing ``flows``."""
-    payouts = nouns.add_parser("payouts", help="payouts per payee and currency").add_subparsers(
-        dest="action", required=True, parser_class=Parser
-    )
+def add_payouts(nouns: argparse._SubParsersAction[Parser]) -> None:
+    payouts = add_actions(nouns, "payouts")
     run = payouts.add_parser("run", help="cut payouts now (or at a past time)")
     run.add_argument(
         "--until",
@@ -67,58 +64,35 @@ def register(nouns: argparse._SubParsersAction[Parser]) -> None:
         metavar="T",
         help="charges recorded before T (RFC 3339 or a date; default now) not yet paid out",
     )
-    _format(run)
+    add_format(run)
     run.set_defaults(run=payouts_run)
     listing = payouts.add_parser("list", help="payouts, newest period first")
     listing.add_argument("--payee", type=identifier)
     listing.add_argument("--currency", type=_currency)
     listing.add_argument("--status", choices=PAYOUT_STATUSES)
     listing.add_argument("--limit", type=positive_int, default=100)
-    _format(listing)
+    add_format(listing)
     listing.set_defaults(run=payouts_list)
     show = payouts.add_parser("show", help="one payout: totals and its charges (csv: the charges)")
     show.add_argument("payout_id", metavar="ID")
-    _format(show)
+    add_format(show)
     show.set_defaults(run=payouts_show)
     send = payouts.add_parser("send", help="send pending payouts to Stripe now")
-    _format(send)
+    add_format(send)
     send.set_defaults(run=payouts_send)
 
-    payees = nouns.add_parser("payees", help="who charges are paid out to").add_subparsers(
-        dest="action", required=True, parser_class=Parser
-    )
+
+def add_payees(nouns: argparse._SubParsersAction[Parser]) -> None:
+    payees = add_actions(nouns, "payees")
     configure = payees.add_parser("configure", help="payout settings of a payee")
     configure.add_argument("payee", type=identifier, metavar="PAYEE")
     configure.add_argument("--stripe-account", type=_stripe_account, metavar="ID")
     configure.add_argument("--stripe-payouts", choices=("on", "off"))
-    _format(configure)
+    add_format(configure)
     configure.set_defaults(run=payees_configure)
     plist = payees.add_parser("list", help="payees with settings or named by a flow")
-    _format(plist)
+    add_format(plist)
     plist.set_defaults(run=payees_list)
-
-    update = _subcommands(nouns, "flows").add_parser("update", help="rename a flow, change payee")
-    update.add_argument("flow_id", type=identifier, metavar="ID")
-    update.add_argument("--name")
-    update.add_argument("--payee", type=identifier, help="also for its charges not yet paid out")
-    _format(update)
-    update.set_defaults(run=flows_update)
-
-
-def _subcommands(
-    nouns: argparse._SubParsersAction[Parser], noun: str
-) -> argparse._SubParsersAction[Parser]:
-    """The subcommands of an existing noun, to add an action to it."""
-    for action in nouns.choices[noun]._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise LookupError(f"{noun} has no subcommands")
-
-
-def _format(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--format", choices=("table", "json", "csv"), default="table", help="output format"
-    )
 
 
 def _until(text: str) -> datetime | None:
@@ -137,13 +111,8 @@ def _stripe_account(text: str) -> str:
     return text
 
 
-async def _connect(settings: Settings) -> asyncpg.Connection:
-    conn: asyncpg.Connection = await asyncpg.connect(settings.dsn, timeout=10)
-    return conn
-
-
 async def payouts_run(settings: Settings, args: argparse.Namespace) -> int:
-    conn = await _connect(settings)
+    conn = await connect(settings)
     try:
         cut = await cut_payouts(
             conn,
@@ -163,7 +132,7 @@ async def payouts_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def payouts_list(settings: Settings, args: argparse.Namespace) -> int:
-    conn = await _connect(settings)
+    conn = await connect(settings)
     try:
         rows = await conn.fetch(
             db.QUERIES["payout_list"], args.payee, args.currency, args.status, args.limit
@@ -176,7 +145,7 @@ async def payouts_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def payouts_show(settings: Settings, args: argparse.Namespace) -> int:
-    conn = await _connect(settings)
+    conn = await connect(settings)
     try:
         row = await conn.fetchrow(db.QUERIES["payout_show"], args.payout_id)
         if row is None:
@@ -240,7 +209,7 @@ async def payouts_send(settings: Settings, args: argparse.Namespace) -> int:
 
 async def payees_configure(settings: Settings, args: argparse.Namespace) -> int:
     stripe_payouts = None if args.stripe_payouts is None else args.stripe_payouts == "on"
-    conn = await _connect(settings)
+    conn = await connect(settings)
     try:
         try:
             await conn.fetchval(
@@ -258,29 +227,10 @@ async def payees_configure(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def payees_list(settings: Settings, args: argparse.Namespace) -> int:
-    conn = await _connect(settings)
+    conn = await connect(settings)
     try:
         rows = await conn.fetch(db.QUERIES["payee_list"], None)
     finally:
         await conn.close()
     emit_rows([dict(r.items()) for r in rows], args.format, columns=PAYEE_COLUMNS, title="payees")
-    return 0
-
-
-async def flows_update(settings: Settings, args: argparse.Namespace) -> int:
-    if args.name is None and args.payee is None:
-        raise UsageError("flows update: nothing to change (give --name and/or --payee)")
-    conn = await _connect(settings)
-    try:
-        if (
-            await conn.fetchval(db.QUERIES["flow_update"], args.flow_id, args.name, args.payee)
-            is None
-        ):
-            raise NotFoundError(f"no flow {args.flow_id!r}")
-        row = dict((await conn.fetchrow(db.QUERIES["flow_list"], args.flow_id)).items())
-    finally:
-        await conn.close()
-    if isinstance(row.get("amounts"), str):
-        row["amounts"] = orjson.loads(row["amounts"])
-    emit_object(row, args.format, title="flow updated")
     return 0

@@ -1,0 +1,86 @@
+"""``chargeline worker``, ``dev`` and ``bench``: the commands that run processes.
+
+The worker stack, the embedded servers and the bench harness are imported by the command
+that runs them, not when the parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from workers.cli.args import Parser, add_noun, positive_float, positive_int
+from workers.errors import require_local_extra
+from workers.kinds import WORKER_KINDS
+from workers.settings import Settings
+
+
+def add_worker(nouns: argparse._SubParsersAction[Parser]) -> None:
+    worker = add_noun(nouns, "worker")
+    worker.add_argument(
+        "kinds",
+        nargs="*",
+        default=["all"],
+        choices=WORKER_KINDS,
+        metavar="KIND",
+        help=f"one or more of {', '.join(WORKER_KINDS)}",
+    )
+    worker.set_defaults(run=worker_command)
+
+
+def add_dev(nouns: argparse._SubParsersAction[Parser]) -> None:
+    dev = add_noun(nouns, "dev")
+    dev.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep the stack and workers running after the demo (Ctrl-C stops)",
+    )
+    dev.set_defaults(run=dev_command)
+
+
+def add_bench(nouns: argparse._SubParsersAction[Parser]) -> None:
+    bench = add_noun(nouns, "bench")
+    bench.add_argument("--events", type=positive_int, default=1_000_000)
+    bench.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    bench.add_argument(
+        "--fixed-rate-seconds", type=positive_float, default=20.0, metavar="S",
+        help="length of the fixed-rate (latency) phase",
+    )  # fmt: skip
+    bench.add_argument(
+        "--naive-seconds", type=positive_float, default=10.0, metavar="S",
+        help="length of each naive-baseline phase",
+    )  # fmt: skip
+    bench.add_argument(
+        "--profile", type=Path, metavar="DIR",
+        help="profile the drain (py-spy on the worker, pg_stat_statements, autovacuum) into DIR",
+    )  # fmt: skip
+    bench.set_defaults(run=bench_command)
+
+
+async def worker_command(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.app import WorkerProcess
+
+    await WorkerProcess(settings, tuple(args.kinds)).run()
+    return 0
+
+
+async def dev_command(settings: Settings, args: argparse.Namespace) -> int:
+    require_local_extra("dev")
+    from workers.dev import run_dev
+
+    return await run_dev(settings, keep_running=args.keep_running)
+
+
+async def bench_command(settings: Settings, args: argparse.Namespace) -> int:
+    require_local_extra("bench")
+    from workers.bench import run_bench
+
+    await run_bench(
+        settings,
+        events=args.events,
+        json_path=args.json,
+        fixed_rate_s=args.fixed_rate_seconds,
+        naive_s=args.naive_seconds,
+        profile_dir=args.profile,
+    )
+    return 0

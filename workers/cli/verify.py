@@ -1,0 +1,42 @@
+"""``chargeline verify``: the invariants, checked against Postgres; exit 1 on a violation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+
+from workers.cli.args import Parser, add_format, add_noun, positive_int
+from workers.cli.database import connect
+from workers.cli.output import to_json
+from workers.settings import Settings
+from workers.verify import verify
+
+
+def add_verify(nouns: argparse._SubParsersAction[Parser]) -> None:
+    check = add_noun(nouns, "verify")
+    check.add_argument("--limit", type=positive_int, default=20, help="rows shown per check")
+    add_format(check, csv=False)
+    check.set_defaults(run=verify_command)
+
+
+async def verify_command(settings: Settings, args: argparse.Namespace) -> int:
+    conn = await connect(settings)
+    try:
+        report = await verify(conn, limit=args.limit)
+    finally:
+        await conn.close()
+    if args.format == "json":
+        sys.stdout.write(to_json(report.as_dict()) + "\n")
+    else:
+        for violation in report.violations:
+            print(
+                f"invariant {violation.invariant} ({violation.check}): {violation.description}"
+                f" ({len(violation.rows)} row(s) shown)"
+            )
+            for row in violation.rows:
+                print("  " + orjson.dumps(row, default=str).decode())
+        verdict = "ok" if report.ok else f"{len(report.violations)} check(s) failed"
+        print(f"verify: {verdict} ({report.checks} checks in {report.seconds:.2f}s)")
+    return 0 if report.ok else 1
