@@ -12,17 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from workers import db
-from workers.lifecycle import WorkerLoop
+from workers.lifecycle import PeriodicWorker
 from workers.logs import get_logger
 from workers.metrics import Metrics
-from workers.retry import Stopping
 from workers.settings import Settings
 from workers.usage import load_ledger, write_ledger
 
 log = get_logger("chargeline.expiry")
 
 
-class ExpiryWorker(WorkerLoop):
+class ExpiryWorker(PeriodicWorker):
     name = "expiry"
 
     def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
@@ -30,15 +29,13 @@ class ExpiryWorker(WorkerLoop):
         self.pool = pool
         self.expired_entries = 0
 
-    async def run(self) -> None:
-        self.started.set()
-        while not self.stopping.is_set():
-            try:
-                done = await self.retry(self.run_once)
-            except Stopping:
-                break
-            if done < self.settings.expiry_batch_size:
-                await self.pause(self.settings.expiry_interval_s)
+    @property
+    def interval_s(self) -> float:
+        return self.settings.expiry_interval_s
+
+    async def tick(self) -> bool:
+        done = await self.retry(self.run_once)
+        return done >= self.settings.expiry_batch_size  # a full round: more may be due
 
     async def run_once(self) -> int:
         """Bring due customers up to date, one transaction; return how many."""

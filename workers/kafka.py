@@ -3,15 +3,34 @@ the topic list, and `topics ensure`."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+)
 
 from workers.settings import Settings
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when the broker is away or busy (retry); false when the partitions moved on (a
+    commit refused after a rebalance: the new owner re-reads, dedup absorbs it) or the
+    request is wrong."""
+    if isinstance(exc, CommitFailedError | IllegalStateError | RebalanceInProgressError):
+        return False
+    if isinstance(exc, KafkaConnectionError | asyncio.TimeoutError):
+        return True
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
 def security_options(settings: Settings) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from workers import db
 from workers.metrics import Metrics
-from workers.retry import retry_transient
+from workers.retry import Stopping, retry_transient
 from workers.settings import Settings
 
 T = TypeVar("T")
@@ -84,3 +84,34 @@ class WorkerLoop:
             stopping=self.stopping,
             max_attempts=max_attempts,
         )
+
+
+class PeriodicWorker(WorkerLoop):
+    """A loop of rounds: ``tick`` does one, then the loop waits ``interval_s``, or starts
+    the next at once when ``tick`` says more work is waiting. A tick retries outages itself
+    (``self.retry``); a stop request ends the loop between rounds or during a retry, and
+    ``close`` then releases what the worker holds."""
+
+    @property
+    def interval_s(self) -> float:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        self.started.set()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    more = await self.tick()
+                except Stopping:
+                    break
+                if not more:
+                    await self.pause(self.interval_s)
+        finally:
+            await self.close()
+
+    async def tick(self) -> bool:
+        """One round; True when more work is waiting, to run again at once."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what the worker holds (clients, connections); called once, at the end."""

@@ -15,13 +15,12 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-from workers import db
+from workers import db, kafka
 from workers.deadletters import decode_headers
 from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.retry import Stopping
-from workers.runtime import kafka_is_transient
 from workers.settings import Settings
 
 log = get_logger("chargeline.outbox")
@@ -29,7 +28,7 @@ _LEADER_LOCK_ID = 0x6F7574626F78  # "outbox"
 
 
 def _transient(exc: BaseException) -> bool:
-    return db.is_transient(exc) or kafka_is_transient(exc)
+    return db.is_transient(exc) or kafka.is_transient(exc)
 
 
 class OutboxRelay(WorkerLoop):
@@ -44,7 +43,7 @@ class OutboxRelay(WorkerLoop):
         self.published = 0
 
     async def run(self) -> None:
-        await self.retry(self.producer.start, is_transient=kafka_is_transient, component="kafka")
+        await self.retry(self.producer.start, is_transient=kafka.is_transient, component="kafka")
         self.started.set()
         try:
             while not self.stopping.is_set():

@@ -32,15 +32,14 @@ import stripe
 from stripe.params import PayoutCreateParams, PayoutListParams
 
 from schemas.outputs import PayoutEvent
-from workers import db
+from workers import db, stripe_gateway
 from workers.errors import ChargelineError, UsageError
-from workers.lifecycle import WorkerLoop
+from workers.lifecycle import PeriodicWorker
 from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.retry import Stopping
 from workers.settings import Settings
 from workers.stripe_gateway import StripeGateway
-from workers.stripe_gateway import is_transient as stripe_gateway_transient
 
 log = get_logger("chargeline.payouts")
 T = TypeVar("T")
@@ -219,11 +218,8 @@ def payout_event(payout: dict[str, Any]) -> PayoutEvent:
 
 
 def stripe_is_transient(exc: BaseException) -> bool:
-    """Stripe's network errors, 429 and 5xx; a 409 (a request with the same idempotency key
-    still in flight); Postgres outages."""
-    if isinstance(exc, stripe.StripeError) and exc.http_status == 409:
-        return True
-    return stripe_gateway_transient(exc) or db.is_transient(exc)
+    """Sending a payout talks to Stripe and Postgres: an outage of either is retried."""
+    return stripe_gateway.is_transient(exc) or db.is_transient(exc)
 
 
 # Stripe refused this payout: it is marked failed with Stripe's code and message. Other
@@ -351,7 +347,7 @@ class StripePayouts:
 # --- the worker ---
 
 
-class PayoutWorker(WorkerLoop):
+class PayoutWorker(PeriodicWorker):
     """Closes due periods into payouts, sends Stripe payouts, keeps the backlog gauges."""
 
     name = "payouts"
@@ -362,18 +358,17 @@ class PayoutWorker(WorkerLoop):
         self.stripe = StripePayouts(settings, metrics)
         self.cuts = 0
 
-    async def run(self) -> None:
-        self.started.set()
-        try:
-            while not self.stopping.is_set():
-                try:
-                    await self.run_once()
-                except Stopping:
-                    break
-                await self.pause(self.settings.payout_interval_s)
-        finally:
-            await self.stripe.close()
-            log.info("payouts_worker_stopped", cuts=self.cuts)
+    @property
+    def interval_s(self) -> float:
+        return self.settings.payout_interval_s
+
+    async def tick(self) -> bool:
+        await self.run_once()
+        return False
+
+    async def close(self) -> None:
+        await self.stripe.close()
+        log.info("payouts_worker_stopped", cuts=self.cuts)
 
     async def run_once(self) -> list[Cut]:
         """One tick: close due periods, send pending Stripe payouts, refresh the gauges."""

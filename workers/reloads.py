@@ -33,7 +33,7 @@ from schemas.currency import minor_unit_exponent
 from schemas.events import CreditGrantEvent, canonical_json
 from workers import db, stripe_gateway
 from workers.ledger import ALERT_NAMESPACE, Alert, AlertKind, Grant
-from workers.lifecycle import WorkerLoop
+from workers.lifecycle import PeriodicWorker
 from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.retry import Stopping, retry_transient
@@ -292,7 +292,7 @@ def _intent_id_of(exc: stripe.CardError) -> str | None:
     return None if intent_id is None else str(intent_id)
 
 
-class ReloadWorker(WorkerLoop):
+class ReloadWorker(PeriodicWorker):
     """Claims open reload requests and processes them, one at a time per worker."""
 
     name = "reloads"
@@ -301,20 +301,15 @@ class ReloadWorker(WorkerLoop):
         super().__init__(settings, metrics)
         self.processor = ReloadProcessor(settings, pool, metrics)
 
-    async def run(self) -> None:
-        self.started.set()
-        try:
-            await self._loop()
-        finally:
-            await self.processor.gateway.close()
+    @property
+    def interval_s(self) -> float:
+        return self.settings.reload_interval_s
 
-    async def _loop(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                requests = await self.retry(lambda: self.processor.claim(10))
-                for request in requests:
-                    await self.processor.process(request, stopping=self.stopping)
-            except Stopping:
-                break
-            if not requests:
-                await self.pause(self.settings.reload_interval_s)
+    async def tick(self) -> bool:
+        requests = await self.retry(lambda: self.processor.claim(10))
+        for request in requests:
+            await self.processor.process(request, stopping=self.stopping)
+        return bool(requests)
+
+    async def close(self) -> None:
+        await self.processor.gateway.close()

@@ -24,15 +24,9 @@ from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import (
-    CommitFailedError,
-    IllegalStateError,
-    KafkaConnectionError,
-    KafkaError,
-    RebalanceInProgressError,
-)
+from aiokafka.errors import KafkaError
 
-from workers import db
+from workers import db, kafka
 from workers.deadletters import record_dead_letters
 from workers.dedupe import Outcome, Verdict, first_occurrences, judge
 from workers.known import LaneModes, known_records, peek
@@ -445,16 +439,7 @@ def next_offsets(
     return {TopicPartition(topic, part): hi + 1 for (topic, part), (_, hi) in spans.items()}
 
 
-_TRANSIENT_KAFKA = (KafkaConnectionError, asyncio.TimeoutError)
 COMMITTED_OFFSETS_TIMEOUT_S = 5.0
-
-
-def kafka_is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, CommitFailedError | IllegalStateError | RebalanceInProgressError):
-        return False  # the partitions moved on; the new owner re-reads, dedup absorbs it
-    if isinstance(exc, _TRANSIENT_KAFKA):
-        return True
-    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
 class ConsumerLoop(WorkerLoop):
@@ -582,7 +567,7 @@ class ConsumerLoop(WorkerLoop):
         return True
 
     async def _start_consumer(self) -> bool:
-        await self.retry(self.consumer.start, is_transient=kafka_is_transient, component="kafka")
+        await self.retry(self.consumer.start, is_transient=kafka.is_transient, component="kafka")
         return True
 
     async def _submit(self, records: list[Record]) -> None:
@@ -643,7 +628,7 @@ class ConsumerLoop(WorkerLoop):
         try:
             await self.retry(
                 lambda: self.consumer.commit(offsets),
-                is_transient=kafka_is_transient,
+                is_transient=kafka.is_transient,
                 component="kafka",
                 max_attempts=20,
             )

@@ -15,8 +15,11 @@ from workers.settings import Settings
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Network trouble, rate limits and Stripe's own 5xx: retry. A decline is an answer."""
+    """Network trouble, rate limits, Stripe's own 5xx and a 409 (a request with the same
+    idempotency key still in flight): retry. A decline is an answer."""
     if isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError):
+        return True
+    if isinstance(exc, stripe.StripeError) and exc.http_status == 409:
         return True
     if isinstance(exc, stripe.APIError) and not isinstance(exc, stripe.CardError):
         status = getattr(exc, "http_status", None)

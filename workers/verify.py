@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers import db
-from workers.lifecycle import WorkerLoop
+from workers.lifecycle import PeriodicWorker
 from workers.logs import get_logger
 from workers.metrics import Metrics
-from workers.retry import Stopping
 from workers.settings import Settings
 
 log = get_logger("chargeline.verify")
@@ -113,7 +112,7 @@ def export(report: Report, metrics: Metrics) -> None:
     metrics.verify_last_run.set(time.time())
 
 
-class VerifyWorker(WorkerLoop):
+class VerifyWorker(PeriodicWorker):
     """Runs ``verify`` every ``verify_interval_s`` and exports the result as metrics."""
 
     name = "verify"
@@ -122,22 +121,21 @@ class VerifyWorker(WorkerLoop):
         super().__init__(settings, metrics)
         self.pool = pool
 
-    async def run(self) -> None:
-        self.started.set()
-        while not self.stopping.is_set():
-            try:
-                report = await self.retry(self._once)
-            except Stopping:
-                break
-            export(report, self.metrics)
-            if report.ok:
-                log.info("verify_passed", checks=report.checks, seconds=round(report.seconds, 3))
-            else:
-                log.error(
-                    "verify_failed",
-                    violations={v.check: len(v.rows) for v in report.violations},
-                )
-            await self.pause(self.settings.verify_interval_s)
+    @property
+    def interval_s(self) -> float:
+        return self.settings.verify_interval_s
+
+    async def tick(self) -> bool:
+        report = await self.retry(self._once)
+        export(report, self.metrics)
+        if report.ok:
+            log.info("verify_passed", checks=report.checks, seconds=round(report.seconds, 3))
+        else:
+            log.error(
+                "verify_failed",
+                violations={v.check: len(v.rows) for v in report.violations},
+            )
+        return False
 
     async def _once(self) -> Report:
         async with self.pool.acquire() as conn:
