@@ -1,15 +1,19 @@
 """Field types shared by the event models, and the limits they enforce.
 
 Everything that pydantic-core can check by itself (types, lengths, ranges, patterns) is a
-core constraint, checked in Rust while the JSON is parsed. The few rules it cannot express
-are small Python functions that run only on the fields that need them:
+core constraint, checked in Rust while the JSON is parsed, and the same rule is stated in
+the exported JSON Schema: printable identifiers (one frozen character set,
+``schemas.printable``), free text without NUL, RFC 3339 timestamps, decimal strings,
+currency codes. The few rules neither can express are small Python functions that run only
+on the fields that need them:
 
-- printable text (``str.isprintable``) on identifiers,
-- "not more than ``MAX_FUTURE_SKEW`` in the future" on ``occurred_at``,
+- "not more than ``MAX_FUTURE_SKEW`` in the future" on ``occurred_at``, and an instant that
+  stays within years 1-9999 once converted to UTC;
+- a calendar date that exists (2026-02-30 does not), left to ``datetime.fromisoformat``
+  here and to ``format: date-time`` in the JSON Schema;
 - the 8 KiB serialized size (and Postgres-storable content) of ``metadata``.
 
-JSON Schema cannot express those three rules either, so each type's ``description`` spells
-them out for producers written in other languages.
+Each type's ``description`` spells those out for producers written in other languages.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from pydantic import (
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     PlainSerializer,
-    StringConstraints,
     WithJsonSchema,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
+
+from schemas import printable
+from schemas.patterns import json_class, json_schema_pattern, rust_class
 
 MAX_FUTURE_SKEW = timedelta(minutes=5)
 """How far in the future an ``occurred_at`` may be (clock skew between producers)."""
@@ -48,50 +54,96 @@ MAX_COST_BASIS_DIGITS = 18
 MAX_PRIORITY = 1000
 
 
-# --- Identifiers: 1-200 printable characters ----------------------------------------------
+# --- Identifiers and free text: lengths and a character set, all checked in Rust --------------
 
 
-def _printable(value: str) -> str:
-    if value.isprintable():
-        return value
-    raise PydanticCustomError(
-        "string_not_printable",
-        "String should contain only printable characters (no control, format or "
-        "separator characters other than the space)",
-    )
+class _Text:
+    """Core schema: a JSON string of ``min_length`` to ``max_length`` characters whose
+    characters all match a pattern (``rust`` in the worker, ``json`` in the JSON Schema).
+
+    One string check, with one error stating the whole rule (``message``): pydantic's own
+    message for the pattern would quote it, several kilobytes for printable text.
+    """
+
+    def __init__(
+        self, *, min_length: int, max_length: int, rust: str, json: str, message: str
+    ) -> None:
+        self.min_length = min_length
+        self.max_length = max_length
+        self.rust = rust
+        self.json = json
+        self.message = message
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return core_schema.custom_error_schema(
+            core_schema.str_schema(
+                min_length=self.min_length,
+                max_length=self.max_length,
+                pattern=self.rust,
+                strict=True,
+            ),
+            custom_error_type="string_rule",
+            custom_error_message=self.message,
+        )
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema: JsonSchemaValue = {"type": "string", "maxLength": self.max_length}
+        if self.min_length:
+            json_schema["minLength"] = self.min_length
+        json_schema["pattern"] = self.json
+        return json_schema
 
 
 PRINTABLE_RULE = (
     "1-200 printable characters: no control characters (tab, newline, NUL...), format "
-    "characters, unassigned code points or separators other than the ASCII space "
-    "(Python's str.isprintable)."
+    "characters, surrogates, private-use or unassigned code points, or separators other "
+    "than the ASCII space (what Python 3.11's str.isprintable accepts, Unicode 14.0)."
 )
 
 Identifier = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=MAX_IDENTIFIER_LENGTH),
-    AfterValidator(_printable),
+    _Text(
+        min_length=1,
+        max_length=MAX_IDENTIFIER_LENGTH,
+        rust=printable.RUST_PATTERN,
+        json=printable.JSON_SCHEMA_PATTERN,
+        message="Input should be a string of 1-200 printable characters (no control, format "
+        "or separator characters other than the space)",
+    ),
     Field(description=PRINTABLE_RULE),
 ]
 """1-200 printable characters: references, customer and flow ids, feature names."""
 
-
-def _no_nul(value: str) -> str:
-    if "\x00" not in value:
-        return value
-    raise PydanticCustomError("string_nul", "String should not contain NUL (U+0000) characters")
-
+# Postgres text cannot hold U+0000. No string the worker accepts holds a surrogate (JSON
+# with an unpaired one is refused as invalid_json): the JSON Schema says so too.
+_NUL_AND_SURROGATES = ((0x0000, 0x0000), (0xD800, 0xDFFF))
+_NO_NUL_RUST = f"^[^{rust_class(_NUL_AND_SURROGATES)}]*$"
+_NO_NUL_JSON = json_schema_pattern(f"^[^{json_class(_NUL_AND_SURROGATES)}]*$")
 
 Description = Annotated[
     str,
-    StringConstraints(max_length=MAX_TEXT_LENGTH),
-    AfterValidator(_no_nul),
+    _Text(
+        min_length=0,
+        max_length=MAX_TEXT_LENGTH,
+        rust=_NO_NUL_RUST,
+        json=_NO_NUL_JSON,
+        message="Input should be a string of at most 500 characters, without NUL (U+0000)",
+    ),
     Field(description="Free text, at most 500 characters, without NUL (U+0000)."),
 ]
 Reason = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=MAX_TEXT_LENGTH),
-    AfterValidator(_no_nul),
+    _Text(
+        min_length=1,
+        max_length=MAX_TEXT_LENGTH,
+        rust=_NO_NUL_RUST,
+        json=_NO_NUL_JSON,
+        message="Input should be a string of 1-500 characters, without NUL (U+0000)",
+    ),
     Field(description="Free text, 1-500 characters, without NUL (U+0000)."),
 ]
 
@@ -129,10 +181,18 @@ Priority = Annotated[
 
 # --- Timestamps: RFC 3339 with an explicit offset ------------------------------------------
 
-RFC3339_PATTERN = (
-    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?"
-    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})$"
-)
+# RFC 3339's grammar (section 5.6) with the ranges it states, less what a datetime cannot
+# hold: year 0000 and the leap second 60. Whether the day exists in its month is left to
+# fromisoformat (and to "format": "date-time" in the JSON Schema).
+_YEAR = "(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)"
+_MONTH = "(?:0[1-9]|1[0-2])"
+_DAY = "(?:0[1-9]|[12][0-9]|3[01])"
+_HOUR = "(?:[01][0-9]|2[0-3])"
+_MINUTE = "[0-5][0-9]"
+_SECOND = "[0-5][0-9]"
+_FRACTION = r"(?:\.[0-9]{1,9})?"
+_OFFSET = f"(?:[Zz]|[+-]{_HOUR}:{_MINUTE})"
+RFC3339_PATTERN = f"^{_YEAR}-{_MONTH}-{_DAY}[Tt]{_HOUR}:{_MINUTE}:{_SECOND}{_FRACTION}{_OFFSET}$"
 
 
 def _utc(value: datetime) -> datetime:
@@ -167,8 +227,9 @@ def _not_in_future(value: datetime) -> datetime:
 class _Rfc3339:
     """Core schema: an RFC 3339 date-time with an offset, as an aware datetime in UTC.
 
-    From JSON, only a string in the RFC's grammar is taken (checked in Rust; pydantic's own
-    parser would also take "1700000000", "+0100" offsets or "_" separators), then read by
+    From JSON, only a string in the RFC's grammar, every field within its range, is taken
+    (checked in Rust; pydantic's own parser would also take "1700000000", "+0100" offsets or
+    "_" separators, and fromisoformat "+05:60" offsets), then read by
     ``datetime.fromisoformat``, which is quicker than pydantic's datetime for what follows:
     its ``timezone.utc`` is a C object, where pydantic's ``TzInfo`` calls back into Rust on
     every comparison. From Python, an aware ``datetime`` is taken too.
@@ -189,8 +250,7 @@ class _Rfc3339:
             except ValueError:
                 raise PydanticCustomError(
                     "datetime_from_string",
-                    "Input should be a valid date-time (month, day, hour, minute, second or "
-                    "offset out of range)",
+                    "Input should be a valid date-time (no such day in that month)",
                 ) from None
             return finish(parsed)
 
@@ -224,14 +284,18 @@ class _Rfc3339:
         return {
             "type": "string",
             "format": "date-time",
-            "pattern": RFC3339_PATTERN,
+            "pattern": json_schema_pattern(RFC3339_PATTERN),
             "description": self.description,
         }
 
 
 Timestamp = Annotated[
     datetime,
-    _Rfc3339(_utc, "RFC 3339 date-time with a time zone (Z or +hh:mm)."),
+    _Rfc3339(
+        _utc,
+        "RFC 3339 date-time with a time zone (Z or +hh:mm), within years 0001-9999 once "
+        "converted to UTC.",
+    ),
 ]
 """An RFC 3339 instant with an explicit offset, normalised to UTC."""
 
@@ -240,7 +304,8 @@ OccurredAt = Annotated[
     _Rfc3339(
         _not_in_future,
         "When it happened: RFC 3339 date-time with a time zone (Z or +hh:mm), at most 5 "
-        "minutes in the future. Optional: defaults to the Kafka record's timestamp.",
+        "minutes in the future, within years 0001-9999 once converted to UTC. Optional: "
+        "defaults to the Kafka record's timestamp.",
     ),
 ]
 """An RFC 3339 instant at most ``MAX_FUTURE_SKEW`` ahead of now, normalised to UTC."""
@@ -366,7 +431,7 @@ class _CostBasis:
     def __get_pydantic_json_schema__(
         self, schema: CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
-        return {"type": "string", "pattern": COST_BASIS_PATTERN}
+        return {"type": "string", "pattern": json_schema_pattern(COST_BASIS_PATTERN)}
 
 
 CostBasis = Annotated[

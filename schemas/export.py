@@ -4,9 +4,16 @@
 ``tests/unit/test_jsonschema_current.py`` fails when the files lag behind the models.
 
 Input schemas are in validation mode (what chargeline accepts), output schemas in
-serialization mode (what it emits). A few rules JSON Schema cannot state (printable
-identifiers, the 8 KiB size of ``metadata``, ``occurred_at`` at most 5 minutes ahead,
-``expires_at`` after ``effective_at``) are written into the ``description`` fields.
+serialization mode (what it emits). Every rule JSON Schema can state is in them, with the
+worker's own character sets and grammars (printable identifiers, currency codes, RFC 3339
+timestamps, decimal strings); the few it cannot state (the 8 KiB size and storable content
+of ``metadata``, ``occurred_at`` at most 5 minutes ahead, ``expires_at`` after
+``effective_at``, an instant within years 1-9999 in UTC, integers written without a
+fraction) are written into the ``description`` fields.
+
+The long patterns (printable text, some 700 code point ranges; the currency codes) are
+written once per file, under ``$defs``, and referenced where used. The files are ASCII:
+every other character is a JSON escape (``\\u200b``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
+from schemas import printable
+from schemas.currency import CURRENCY_JSON_SCHEMA_PATTERN
 from schemas.events import INPUT_EVENT, ChargeEvent, CreditGrantEvent, CreditVoidEvent, UsageEvent
 from schemas.outputs import AlertEvent, PayoutEvent
 
@@ -37,6 +46,26 @@ _OUTPUTS: dict[str, type[BaseModel]] = {
 }
 _TITLES = {
     "input_event.schema.json": "InputEvent",
+}
+# Patterns written once per file, under $defs: name, and the definition holding the pattern.
+_SHARED_PATTERNS: dict[str, tuple[str, dict[str, Any]]] = {
+    printable.JSON_SCHEMA_PATTERN: (
+        "PrintableText",
+        {
+            "type": "string",
+            "description": "Printable characters only: none of the Unicode "
+            f"{printable.UNICODE_VERSION} general categories Cc, Cf, Cs, Co, Cn, Zl, Zp and "
+            "Zs but the ASCII space (what Python 3.11's str.isprintable accepts). The "
+            "pattern is a code point class: read it with the u flag in ECMA 262.",
+        },
+    ),
+    CURRENCY_JSON_SCHEMA_PATTERN: (
+        "ActiveCurrencyCode",
+        {
+            "type": "string",
+            "description": "An active ISO 4217 alphabetic code, each ASCII letter in either case.",
+        },
+    ),
 }
 _INPUT_EVENT_DESCRIPTION = (
     "Any event accepted on billing.charges (charge) or billing.usage (usage, credit_grant, "
@@ -61,12 +90,43 @@ def export_schemas() -> dict[str, dict[str, Any]]:
 
 def _identify(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     title = _TITLES.get(name) or schema.get("title") or name
-    return {"$schema": JSON_SCHEMA_DIALECT, "$id": name, **schema, "title": title}
+    return {"$schema": JSON_SCHEMA_DIALECT, "$id": name, **_share_patterns(schema), "title": title}
+
+
+def _share_patterns(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with each long pattern moved into ``$defs`` and referenced where used
+    (a ``$ref`` beside other keywords applies both, from draft 2019-09 on)."""
+    shared: dict[str, dict[str, Any]] = {}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+        elif isinstance(node, dict):
+            pattern = node.get("pattern")
+            if isinstance(pattern, str) and pattern in _SHARED_PATTERNS:
+                name, definition = _SHARED_PATTERNS[pattern]
+                shared[name] = {**definition, "pattern": pattern}
+                del node["pattern"]
+                node["$ref"] = f"#/$defs/{name}"
+            for value in node.values():
+                visit(value)
+
+    visit(schema)
+    if shared:
+        schema["$defs"] = {**schema.get("$defs", {}), **shared}
+    return schema
 
 
 def render(schema: dict[str, Any]) -> str:
-    """The file content of one schema: indented, sorted keys, trailing newline."""
-    return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    """The file content of one schema: ASCII, indented, sorted keys, trailing newline.
+
+    Every character beyond ASCII is a JSON escape (``\\u00a0``), DEL too: the long
+    patterns hold invisible, combining and right-to-left characters that would make the file
+    unreadable, or unsafe to edit, as they are.
+    """
+    text = json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=True)
+    return text.replace("\x7f", "\\u007f") + "\n"
 
 
 def write_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from workers.app import WORKER_KINDS
+from workers.kinds import WORKER_KINDS
 from workers.metrics import Metrics
 from workers.settings import Settings
 
