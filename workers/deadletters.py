@@ -77,7 +77,8 @@ async def record_dead_letters(
             encode_headers(list(record.headers or ())),
             record_time(record),
             rejected.reason,
-            rejected.detail,
+            # Postgres text cannot hold NUL, which a detail may quote (a field's name).
+            rejected.detail.replace("\x00", "\\0"),
             dlq_value,
             encode_headers(dlq_headers),
         )

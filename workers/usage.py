@@ -162,6 +162,20 @@ class UsageHandler:
 
     # --- 2-4. the ledger ------------------------------------------------------------------------
 
+    async def _refused_before(self, conn: Any, voids: list[Parsed]) -> set[tuple[int, int]]:
+        """The (partition, offset) of the voids already dead-lettered at their position: a
+        void refused ``unknown_grant`` leaves no dedup row (so that ``dlq replay`` can apply
+        it once its grant exists), so only its position tells a redelivery."""
+        if not voids:
+            return set()
+        rows = await conn.fetch(
+            QUERIES["dead_lettered_positions"],
+            self.topic,
+            [p.record.partition for p in voids],
+            [p.record.offset for p in voids],
+        )
+        return {(row["partition"], row["offset"]) for row in rows}
+
     async def _apply_ledger(
         self,
         conn: Any,
@@ -177,9 +191,18 @@ class UsageHandler:
         # open grant's id hid that grant from the batch, its usage going to overage instead.
         new_grants = {new[i] for i in new if events[i].event_type == "credit_grant"}
         ledger = await load_ledger(conn, customer_refs, void_targets, exclude=new_grants)
+        refused = await self._refused_before(
+            conn, [events[i] for i in new if events[i].event_type == "credit_void"]
+        )
         dropped: list[int] = []
         for index in sorted(new):  # record order: per customer, the order it was produced in
             event, row_id = events[index].event, new[index]
+            if isinstance(event, CreditVoidEvent) and _position(events[index]) in refused:
+                # Refused when this record was first read (its grant came later); its
+                # redelivery must change nothing: the dead letter stands, replayable.
+                dropped.append(row_id)
+                verdicts[index] = Verdict(rejection=_unknown_grant(event))
+                continue
             if isinstance(event, UsageEvent):
                 ledger.usage(event.customer_ref, event.reference, event.tokens, row_id)
             elif isinstance(event, CreditGrantEvent):
@@ -192,17 +215,22 @@ class UsageHandler:
                 event.customer_ref, event.grant_reference, event.reference, row_id
             ):
                 dropped.append(row_id)
-                verdicts[index] = Verdict(
-                    rejection=(
-                        "unknown_grant",
-                        f"customer {event.customer_ref!r} has no open grant "
-                        f"{event.grant_reference!r} to void",
-                    )
-                )
+                verdicts[index] = Verdict(rejection=_unknown_grant(event))
         if dropped:
             await conn.execute(QUERIES["drop_voids"], dropped)
         await write_ledger(conn, ledger, alerts_topic=self.alerts_topic)
         return ledger
+
+
+def _unknown_grant(void: CreditVoidEvent) -> tuple[str, str]:
+    return (
+        "unknown_grant",
+        f"customer {void.customer_ref!r} has no open grant {void.grant_reference!r} to void",
+    )
+
+
+def _position(parsed: Parsed) -> tuple[int, int]:
+    return (parsed.record.partition, parsed.record.offset)
 
 
 def effective_time(event: CreditGrantEvent, occurred_at: datetime) -> datetime:

@@ -28,6 +28,13 @@ emitted AS (
 )
 SELECT reason, count(*)::integer AS recorded FROM inserted GROUP BY reason;
 
+-- name: dead_lettered_positions
+-- Which of these positions of one topic already hold a dead letter.
+SELECT d.partition, d."offset"
+FROM dead_letters d
+JOIN unnest($2::integer[], $3::bigint[]) AS p(partition, "offset")
+  ON d.topic = $1::text AND d.partition = p.partition AND d."offset" = p."offset";
+
 -- name: record_conflicts
 INSERT INTO conflicts (event_type, dedup_key, original_payload, conflicting_payload,
                        topic, partition, "offset")
