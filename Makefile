@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-faults test-fast lint format schemas bench clean
+.PHONY: help install run test test-deep test-faults test-fast lint format schemas bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -24,6 +24,11 @@ run: $(STAMP) ## the demo: embedded Postgres, broker and Stripe stand-in, worker
 
 test: $(STAMP) ## the whole suite: unit, integration (real servers) and fault tests
 	$(BIN)/python -m pytest
+
+test-deep: $(STAMP) ## the searching tests (generated events, schema parity, ledger model), 10-20x longer
+	CHARGELINE_DEEP_TESTS=1 $(BIN)/python -m pytest -p no:cacheprovider --timeout 3600 \
+		tests/unit/test_schema_parity.py tests/integration/test_generated_events.py \
+		tests/integration/test_ledger_model.py
 
 test-faults: $(STAMP) ## the fault-injection tests alone (also part of test)
 	$(BIN)/python -m pytest -m faults tests/faults

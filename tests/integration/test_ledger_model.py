@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -54,7 +55,8 @@ Key = tuple[str, str, str]  # (type, customer_ref, reference): the dedup key, pe
 # (type, previous_balance, balance, cause type, cause reference)
 AlertRow = tuple[str, int, int, str, str]
 
-EXAMPLES = 40
+# CHARGELINE_DEEP_TESTS=1 (make test-deep) runs ten times as many plans.
+EXAMPLES = 40 * (10 if os.environ.get("CHARGELINE_DEEP_TESTS") == "1" else 1)
 CUSTOMERS = 3
 # Records are stamped as published this long before they are applied, as a consumer sees
 # them; a grant without effective_at starts at its record's time.

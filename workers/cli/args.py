@@ -6,6 +6,7 @@ import argparse
 from datetime import UTC, date, datetime
 from typing import Any, NoReturn
 
+from schemas.printable import is_printable
 from workers.errors import UsageError
 
 
@@ -54,7 +55,7 @@ def positive_float(text: str) -> float:
 
 
 def identifier(text: str) -> str:
-    if not 1 <= len(text) <= 200 or not text.isprintable():
+    if not 1 <= len(text) <= 200 or not is_printable(text):
         raise argparse.ArgumentTypeError(f"expected 1-200 printable characters, got {text!r}")
     return text
 
