@@ -3,7 +3,7 @@
 Servers come from, in order of preference: environment variables naming existing ones
 (``CHARGELINE_TEST_DATABASE_URL`` + ``CHARGELINE_TEST_KAFKA_BOOTSTRAP_SERVERS``, optionally
 ``CHARGELINE_TEST_STRIPE_API_BASE``), testcontainers when a local Docker engine answers, or
-the embedded stack of :mod:`workers.devstack`. Nothing starts until a test asks for
+the embedded stack of :mod:`workers.devtools.devstack`. Nothing starts until a test asks for
 ``stack`` (directly or through ``database_url``/``settings``), so unit tests need no server.
 """
 
@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from workers.devstack import STRIPE_TEST_KEY, LocalStack, LocalStripe
+from workers.devtools.devstack import STRIPE_TEST_KEY, LocalStack, LocalStripe
 from workers.settings import Settings
 
 _TESTS_DIR = Path(__file__).parent

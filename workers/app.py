@@ -10,21 +10,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers import db
-from workers.charges import ChargesHandler
-from workers.expiry import ExpiryWorker
 from workers.http import start_http
+from workers.ingest.charges import ChargesHandler
+from workers.ingest.consumer import ConsumerLoop, tune_gc_for_batches
+from workers.ingest.processor import BatchProcessor, Handler
+from workers.ingest.usage import UsageHandler
+from workers.jobs.expiry import ExpiryWorker
+from workers.jobs.outbox import OutboxRelay
+from workers.jobs.payouts import PayoutWorker
+from workers.jobs.reloads import ReloadWorker
+from workers.jobs.verify import VerifyWorker
 from workers.kafka import make_consumer, make_producer
 from workers.kinds import INGEST_KINDS, PERIODIC_KINDS, WORKER_KINDS
 from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
-from workers.outbox import OutboxRelay
-from workers.payouts import PayoutWorker
-from workers.reloads import ReloadWorker
-from workers.runtime import BatchProcessor, ConsumerLoop, Handler, tune_gc_for_batches
 from workers.settings import Settings
-from workers.usage import UsageHandler
-from workers.verify import VerifyWorker
 
 log = get_logger("chargeline.app")
 

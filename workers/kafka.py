@@ -4,10 +4,13 @@ the topic list, and `topics ensure`."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
@@ -130,3 +133,20 @@ async def ensure_topics(
         return wanted
     finally:
         await admin.close()
+
+
+def encode_headers(headers: Sequence[tuple[str, bytes | None]]) -> str:
+    """Kafka headers as JSON for jsonb columns; values base64, as they may be any bytes, or
+    null (a header may have no value)."""
+    return orjson.dumps(
+        [
+            [name, None if value is None else base64.b64encode(value).decode()]
+            for name, value in headers
+        ]
+    ).decode()
+
+
+def decode_headers(stored: Any) -> list[tuple[str, bytes]]:
+    """The headers ``encode_headers`` stored; a header without a value comes back empty."""
+    rows = orjson.loads(stored) if isinstance(stored, str | bytes) else stored
+    return [(str(name), b"" if value is None else base64.b64decode(value)) for name, value in rows]

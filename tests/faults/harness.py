@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tests.conftest import settings_env
 from tests.faults.expected import Sent
 from tests.support import spawn_worker
-from workers.devstack import free_port
+from workers.devtools.devstack import free_port
 from workers.kafka import security_options
 from workers.settings import Settings
 

@@ -19,12 +19,12 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 
 from tests.support import charge, create_flows, fetchval, usage, wait_for
-from workers.charges import ChargesHandler
-from workers.dedupe import Verdict, judge
-from workers.parse import Parsed, parse_records
-from workers.runtime import Handler
+from workers.ingest.charges import ChargesHandler
+from workers.ingest.dedupe import Verdict, judge
+from workers.ingest.parse import Parsed, parse_records
+from workers.ingest.processor import Handler
+from workers.ingest.usage import UsageHandler
 from workers.settings import Settings
-from workers.usage import UsageHandler
 
 
 def parsed(handler: Handler, event: dict[str, Any]) -> list[Parsed]:

@@ -12,7 +12,7 @@ import stripe
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from tests.conftest import Stack, Topics, settings_env
-from workers.devstack import STRIPE_TEST_KEY, LocalPostgres
+from workers.devtools.devstack import STRIPE_TEST_KEY, LocalPostgres
 from workers.settings import Settings
 
 

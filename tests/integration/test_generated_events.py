@@ -45,8 +45,8 @@ from tests.support import assert_invariants
 from tests.unit.test_schema_parity import GENERATED, ODD_FOR_FIELD, dumps, json_values, odd_values
 from workers import db
 from workers.app import build_handlers
+from workers.ingest.processor import BatchProcessor, BatchResult
 from workers.metrics import Metrics
-from workers.runtime import BatchProcessor, BatchResult
 from workers.settings import Settings
 
 DEEP = os.environ.get("CHARGELINE_DEEP_TESTS") == "1"

@@ -27,9 +27,9 @@ from tests.support import (
 )
 from workers.app import build_handlers
 from workers.db import create_pool
+from workers.ingest.parse import raw_digest
+from workers.ingest.processor import BatchProcessor, BatchResult, Part
 from workers.metrics import Metrics
-from workers.parse import raw_digest
-from workers.runtime import BatchProcessor, BatchResult, Part
 from workers.settings import Settings
 
 FIRST_ROUND = [

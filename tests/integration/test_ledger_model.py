@@ -4,7 +4,7 @@ conflicts, the token ledger, alerts).
 Random sequences of credit grants, usage, voids, exact re-sends and conflicting re-sends for
 a few customers go through the real apply path (``BatchProcessor`` with the
 ``UsageHandler``, on a real Postgres), grouped into batches of random sizes. A small model
-written from the contract, and sharing no code with ``workers.ledger``, predicts what each
+written from the contract, and sharing no code with ``workers.ledger.rules``, predicts what each
 batch does. After every batch the database must agree with it: each customer's balance and
 overage, the sum of its ledger entries, each grant's remaining tokens and status, which
 grants paid for each usage event, the depleted and recovered alerts in ledger order, the
@@ -45,10 +45,10 @@ from hypothesis import strategies as st
 
 from tests.support import assert_invariants, grant, rfc3339, usage
 from workers import db
+from workers.ingest.processor import BatchProcessor, BatchResult
+from workers.ingest.usage import UsageHandler
 from workers.metrics import Metrics
-from workers.runtime import BatchProcessor, BatchResult
 from workers.settings import Settings
-from workers.usage import UsageHandler
 
 Event = dict[str, Any]
 Key = tuple[str, str, str]  # (type, customer_ref, reference): the dedup key, per event type

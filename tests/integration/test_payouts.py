@@ -43,8 +43,7 @@ from tests.support import (
     wait_for,
 )
 from workers import db
-from workers.metrics import Metrics
-from workers.payouts import (
+from workers.jobs.payouts import (
     METADATA_PAYEE,
     METADATA_PAYOUT_ID,
     PayoutWorker,
@@ -52,6 +51,7 @@ from workers.payouts import (
     cut_payouts,
     period_floor,
 )
+from workers.metrics import Metrics
 from workers.settings import Settings
 
 PAYOUT_FIELDS = {

@@ -41,12 +41,12 @@ from tests.support import (
     wait_for,
 )
 from workers import db
-from workers.dedupe import Verdict
+from workers.ingest.dedupe import Verdict
+from workers.ingest.parse import Parsed
+from workers.ingest.processor import BatchProcessor, Handler
+from workers.ingest.usage import UsageHandler
 from workers.metrics import Metrics
-from workers.parse import Parsed
-from workers.runtime import BatchProcessor, Handler
 from workers.settings import Settings
-from workers.usage import UsageHandler
 
 
 def _sample(metrics: Metrics, name: str, **labels: str) -> float:

@@ -35,7 +35,7 @@ from tests.support import (
     wait_for,
 )
 from tests.unit.test_deploy_files import DASHBOARD, RULES, healthcheck_command
-from workers.devstack import free_port
+from workers.devtools.devstack import free_port
 from workers.settings import Settings
 
 

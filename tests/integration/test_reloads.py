@@ -35,8 +35,8 @@ from tests.support import (
     usage,
     wait_for,
 )
+from workers.jobs.reloads import ReloadProcessor, cost_basis
 from workers.metrics import Metrics
-from workers.reloads import ReloadProcessor, cost_basis
 from workers.settings import Settings
 
 GOOD_CARD = "4242424242424242"

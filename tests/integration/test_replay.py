@@ -35,7 +35,7 @@ from tests.support import (
     wait_for,
 )
 from workers.kafka import security_options
-from workers.replay import log_ends, topic_partitions
+from workers.ops.replay import log_ends, topic_partitions
 from workers.settings import Settings
 
 

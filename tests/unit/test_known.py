@@ -8,8 +8,8 @@ import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from workers.known import LaneModes, peek
-from workers.parse import raw_digest
+from workers.ingest.known import LaneModes, peek
+from workers.ingest.parse import raw_digest
 
 USAGE_TYPES = frozenset({"usage", "credit_grant", "credit_void"})
 

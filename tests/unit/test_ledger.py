@@ -6,7 +6,7 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from workers.ledger import Customer, Grant, Ledger
+from workers.ledger.rules import Customer, Grant, Ledger
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 _ids = itertools.count(1)

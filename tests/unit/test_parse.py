@@ -12,11 +12,12 @@ import orjson
 import pytest
 
 from workers import db
-from workers.deadletters import decode_headers, dlq_record, encode_headers
-from workers.parse import Parsed, Rejected, describe_exception, parse_records, record_time
-from workers.pipeline import LaneBroken
+from workers.ingest.deadletters import dlq_record
+from workers.ingest.parse import Parsed, Rejected, describe_exception, parse_records, record_time
+from workers.ingest.pipeline import LaneBroken
+from workers.ingest.processor import is_record_fault
+from workers.kafka import decode_headers, encode_headers
 from workers.retry import Stopping
-from workers.runtime import is_record_fault
 
 NOW_MS = 1_795_000_000_000  # 2026-11-18
 

@@ -8,7 +8,7 @@ import pytest
 
 from workers.cli.main import build_parser
 from workers.errors import UsageError
-from workers.payouts import PayoutPeriod, next_scheduled_cut, period_floor, period_length
+from workers.jobs.payouts import PayoutPeriod, next_scheduled_cut, period_floor, period_length
 
 CET = timezone(timedelta(hours=1))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from workers.pipeline import BatchPipeline, LaneBroken
+from workers.ingest.pipeline import BatchPipeline, LaneBroken
 
 
 @dataclass(frozen=True)

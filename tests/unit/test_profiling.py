@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from workers.db import QUERIES
-from workers.profiling import maintenance_between, statement_name, top_frames
+from workers.devtools.bench.profile import maintenance_between, statement_name, top_frames
 
 FOLDED = """\
 main (workers/cli/main.py:10);apply (workers/runtime.py:5);validate_json (pydantic/type_adapter.py:1) 6

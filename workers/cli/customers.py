@@ -100,7 +100,7 @@ class TopupFailed(ChargelineError):
 
 async def credits_topup(settings: Settings, args: argparse.Namespace) -> int:
     """A manual top-up through the same path as auto-reload: a request, then the processor."""
-    from workers.reloads import ReloadProcessor
+    from workers.jobs.reloads import ReloadProcessor
 
     pool = await db.create_pool(settings.dsn, min_size=1, max_size=2)
     try:

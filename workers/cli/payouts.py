@@ -19,13 +19,13 @@ from workers.cli.args import Parser, add_actions, add_format, identifier, positi
 from workers.cli.database import connect
 from workers.cli.output import emit_object, emit_rows
 from workers.errors import ChargelineError, NotFoundError, UsageError
-from workers.metrics import Metrics
-from workers.payouts import (
+from workers.jobs.payouts import (
     StripePayouts,
     cut_payouts,
     rfc3339,
     stripe_is_transient,
 )
+from workers.metrics import Metrics
 from workers.retry import retry_transient
 from workers.settings import Settings
 

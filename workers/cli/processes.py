@@ -66,14 +66,14 @@ async def worker_command(settings: Settings, args: argparse.Namespace) -> int:
 
 async def dev_command(settings: Settings, args: argparse.Namespace) -> int:
     require_local_extra("dev")
-    from workers.dev import run_dev
+    from workers.devtools.demo import run_dev
 
     return await run_dev(settings, keep_running=args.keep_running)
 
 
 async def bench_command(settings: Settings, args: argparse.Namespace) -> int:
     require_local_extra("bench")
-    from workers.bench import run_bench
+    from workers.devtools.bench import run_bench
 
     await run_bench(
         settings,

@@ -11,7 +11,7 @@ from workers.cli.args import Parser, add_format, add_noun, positive_int
 from workers.cli.output import emit_object
 from workers.cli.progress import ProgressDisplay
 from workers.kafka import input_topics
-from workers.publish import publish_file
+from workers.ops.publish import publish_file
 from workers.settings import Settings
 
 PUBLISH_LINES_EVERY = 100_000

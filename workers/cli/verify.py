@@ -10,8 +10,8 @@ import orjson
 from workers.cli.args import Parser, add_format, add_noun, positive_int
 from workers.cli.database import connect
 from workers.cli.output import to_json
+from workers.jobs.verify import verify
 from workers.settings import Settings
-from workers.verify import verify
 
 
 def add_verify(nouns: argparse._SubParsersAction[Parser]) -> None:

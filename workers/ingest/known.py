@@ -28,7 +28,7 @@ import orjson
 
 from schemas.events import EVENT_MODELS
 from workers.db import QUERIES
-from workers.parse import Record, raw_digest
+from workers.ingest.parse import Record, raw_digest
 
 DEDUP_FIELDS = {kind: model.dedup_fields for kind, model in EVENT_MODELS.items()}
 

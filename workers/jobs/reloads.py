@@ -32,14 +32,14 @@ import stripe
 from schemas.currency import minor_unit_exponent
 from schemas.events import CreditGrantEvent, canonical_json
 from workers import db, stripe_gateway
-from workers.ledger import ALERT_NAMESPACE, Alert, AlertKind, Grant
+from workers.ledger.rules import ALERT_NAMESPACE, Alert, AlertKind, Grant
+from workers.ledger.store import load_ledger, record_alerts, write_ledger
 from workers.lifecycle import PeriodicWorker
 from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.retry import Stopping, retry_transient
 from workers.settings import Settings
 from workers.stripe_gateway import StripeGateway
-from workers.usage import load_ledger, record_alerts, write_ledger
 
 log = get_logger("chargeline.reloads")
 

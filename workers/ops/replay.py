@@ -41,14 +41,13 @@ from aiokafka.errors import OffsetOutOfRangeError
 
 from workers import db
 from workers.app import build_handlers
-from workers.deadletters import decode_headers
 from workers.errors import BrokerUnavailable, ChargelineError, UsageError
-from workers.kafka import input_topics, make_producer, security_options
+from workers.ingest.parse import Record
+from workers.ingest.processor import BatchProcessor, BatchResult, Part
+from workers.kafka import decode_headers, input_topics, make_producer, security_options
 from workers.logs import get_logger
 from workers.metrics import Metrics
-from workers.parse import Record
 from workers.retry import Stopping, retry_transient
-from workers.runtime import BatchProcessor, BatchResult, Part
 from workers.settings import Settings
 
 log = get_logger("chargeline.replay")

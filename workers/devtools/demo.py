@@ -325,7 +325,7 @@ async def run_dev(settings: Settings, *, keep_running: bool = False) -> int:
         os.environ.get("CHARGELINE_DATABASE_URL")
         and os.environ.get("CHARGELINE_KAFKA_BOOTSTRAP_SERVERS")
     ):
-        from workers.devstack import LocalStack
+        from workers.devtools.devstack import LocalStack
 
         console.print(
             "Starting the embedded stack: Postgres, Tansu (Kafka protocol), localstripe..."

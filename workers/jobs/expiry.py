@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from workers import db
+from workers.ledger.store import load_ledger, write_ledger
 from workers.lifecycle import PeriodicWorker
 from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.settings import Settings
-from workers.usage import load_ledger, write_ledger
 
 log = get_logger("chargeline.expiry")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from workers.parse import Conflict, Parsed, Rejected
+from workers.ingest.parse import Conflict, Parsed, Rejected
 
 
 class Outcome(StrEnum):

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any
 
 from workers import db, kafka
-from workers.deadletters import decode_headers
+from workers.kafka import decode_headers
 from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics

@@ -48,12 +48,12 @@ from rich.console import Console
 from rich.table import Table
 
 from workers import db
+from workers.devtools.bench.profile import DrainProfile
 from workers.kafka import ensure_topics, make_producer, security_options
-from workers.profiling import DrainProfile
 from workers.settings import Settings
 
 if TYPE_CHECKING:
-    from workers.devstack import LocalStack
+    from workers.devtools.devstack import LocalStack
 
 console = Console(stderr=True)
 
@@ -733,7 +733,7 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
     naive_s: float = 10.0,
     profile_dir: Path | None = None,
 ) -> dict[str, Any]:
-    from workers.devstack import LocalStack
+    from workers.devtools.devstack import LocalStack
 
     own_stack = not (
         os.environ.get("CHARGELINE_DATABASE_URL")

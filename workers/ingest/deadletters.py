@@ -4,36 +4,17 @@ carrying the original key and bytes with headers naming the reason."""
 
 from __future__ import annotations
 
-import base64
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-
 from workers.db import QUERIES
-from workers.parse import Rejected, record_time
+from workers.ingest.parse import Rejected, record_time
+from workers.kafka import encode_headers
 
 HEADER_PREFIX = "chargeline."
 # Postgres keeps the whole record; billing.dlq gets at most this much of a huge one.
 DLQ_VALUE_LIMIT = 64 * 1024
-
-
-def encode_headers(headers: Sequence[tuple[str, bytes | None]]) -> str:
-    """Kafka headers as JSON for jsonb columns; values base64, as they may be any bytes, or
-    null (a header may have no value)."""
-    return orjson.dumps(
-        [
-            [name, None if value is None else base64.b64encode(value).decode()]
-            for name, value in headers
-        ]
-    ).decode()
-
-
-def decode_headers(stored: Any) -> list[tuple[str, bytes]]:
-    """The headers ``encode_headers`` stored; a header without a value comes back empty."""
-    rows = orjson.loads(stored) if isinstance(stored, str | bytes) else stored
-    return [(str(name), b"" if value is None else base64.b64decode(value)) for name, value in rows]
 
 
 def dlq_record(rejected: Rejected) -> tuple[bytes, list[tuple[str, bytes]]]:

@@ -13,8 +13,8 @@ import orjson
 
 from schemas.events import ChargeEvent
 from workers.db import QUERIES
-from workers.dedupe import Verdict, resolve_races, verdicts_from_report
-from workers.parse import Parsed
+from workers.ingest.dedupe import Verdict, resolve_races, verdicts_from_report
+from workers.ingest.parse import Parsed
 
 
 class ChargesHandler:

@@ -1,0 +1,2 @@
+"""Loops beside ingestion: the outbox relay and the periodic workers (expiry, reloads,
+payouts, verify)."""

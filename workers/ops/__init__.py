@@ -1,0 +1,1 @@
+"""Operator actions: publishing files of events, replaying topic ranges and dead letters."""
