@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import Stack
-from workers.devtools.bench.run import server_cpu_seconds
+from workers.devtools.bench.measure import server_cpu_seconds
 
 KEYS = (
     "events", "throughput_eps", "raw_consume_eps", "raw_copy_eps", "naive_eps",

@@ -199,7 +199,7 @@ def maintenance_between(
 ) -> list[dict[str, Any]]:
     """What autovacuum did to each table in between, most time first (tables it left
     alone left out). Its workers are processes of their own, outside every statement."""
-    done = []
+    done: list[dict[str, Any]] = []
     for table, now in after.items():
         was = before.get(table, {})
         change = {key: value - was.get(key, 0.0) for key, value in now.items()}

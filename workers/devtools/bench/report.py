@@ -1,0 +1,144 @@
+"""The bench's figures as tables on the terminal: the results beside their targets, and
+with ``--profile`` where the drain's time went.
+
+The tables go to standard output and the progress messages to standard error, so that the
+figures can be kept apart from the bench's account of what it is doing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _half_capacity_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """What the machine did during the fixed-rate load: the latency figures' context."""
+    if "fixed_rate_cpu_cores" not in results:
+        return []  # the phase timed out
+    cores = results["fixed_rate_cpu_cores"]
+    return [
+        ("  rate sent (events/s)", results["fixed_rate_eps"], "half the throughput"),
+        ("  machine CPU busy (%)", results["fixed_rate_machine_busy_pct"], "while it was sent"),
+        *(
+            (f"  {name.replace('_', ' ')} (cores)", cores[name], "while it was sent")
+            for name in ("worker", "postgres", "broker", "load_generator")
+            if name in cores
+        ),
+    ]
+
+
+def show(results: dict[str, Any]) -> None:
+    """Every figure of the run, with its target or what it is measured against."""
+    table = Table(title=f"chargeline bench: {results['events']:,} events")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target / note")
+    rows = [
+        ("throughput (events/s, one worker)", results["throughput_eps"], ">= 30,000"),
+        ("raw consume (records/s)", results["raw_consume_eps"], "broker limit"),
+        ("raw COPY (rows/s)", results["raw_copy_eps"], "Postgres limit"),
+        ("naive (events/s)", results["naive_eps"], "same worker, one event per transaction"),
+        ("naive, SQL only (events/s)", results["naive_sql_eps"], "2 statements per event"),
+        ("throughput / raw COPY", results["ratio_throughput_to_raw_copy"], ">= 0.40"),
+        ("throughput / naive", results["ratio_throughput_to_naive"], ">= 50"),
+        ("latency p50 (ms) at half capacity", results["latency_p50_ms"], ""),
+        ("latency p99 (ms) at half capacity", results["latency_p99_ms"], "< 500"),
+        ("alert latency p99 (ms)", results["alert_latency_p99_ms"], "< 1,000"),
+        *_half_capacity_rows(results),
+        ("replay, all duplicates (events/s)", results["replay_eps"], ">= 60,000"),
+        ("worker peak RSS (MiB)", results["worker_peak_rss_mib"], "< 256"),
+        ("CPU s per 1,000 events", results["cpu_s_per_1k_events"], "the worker"),
+        (
+            "CPU steal during the drain (%)",
+            results.get("drain_cpu_steal_pct", 0.0),
+            "machine-wide, taken by the hypervisor",
+        ),
+        (
+            "Python loop (s), machine speed",
+            results["machine"]["python_loop_s"],
+            "5M additions; compare runs by it",
+        ),
+        *(
+            (f"  {server} CPU s per 1,000 events", results[key], "during the drain")
+            for server in ("postgres", "broker")
+            if (key := f"{server}_cpu_s_per_1k_events") in results
+        ),
+    ]
+    for name, value, note in rows:
+        shown = (
+            f"{value:,.0f}" if value >= 100 else f"{value:.2f}" if value >= 1 else f"{value:.4f}"
+        )
+        table.add_row(name, shown, note)
+    Console().print(table)
+
+
+def show_profile(profile: dict[str, Any], out_dir: Path | None) -> None:
+    """Where the time went (``--profile``): the worker's hottest code and the statements
+    Postgres spent the most time on, in the drain; autovacuum's work in the drain and at
+    half capacity."""
+    out = Console()
+    worker = profile.get("worker")
+    if worker and worker["samples"]:
+        for key, title in (
+            ("self", "running"),
+            ("ours_inclusive", "chargeline's code, on the stack"),
+        ):
+            table = Table(
+                title=f"worker during the drain, {title}: % of {worker['samples']:,} samples"
+            )
+            table.add_column("function (file)", no_wrap=True, overflow="ellipsis", max_width=64)
+            table.add_column("%", justify="right")
+            for frame, share in worker[key]:
+                table.add_row(frame, f"{share:.1f}")
+            out.print(table)
+    statements = profile.get("postgres_statements")
+    if statements:
+        table = Table(title="Postgres during the drain: statements by time")
+        table.add_column("statement", no_wrap=True, overflow="ellipsis", max_width=24)
+        for name in ("calls", "rows", "exec ms", "plan ms", "us/event"):
+            table.add_column(name, justify="right", no_wrap=True)
+        for row in statements:
+            table.add_row(
+                row["statement"],
+                f"{row['calls']:,}",
+                f"{row['rows']:,}",
+                f"{row['exec_ms']:,.0f}",
+                f"{row['plan_ms']:,.0f}",
+                f"{row['us_per_event']:.2f}",
+            )
+        out.print(table)
+    for key, phase in (
+        ("autovacuum", "during the drain"),
+        ("autovacuum_fixed_rate", "at half capacity"),
+    ):
+        if profile.get(key):
+            out.print(_autovacuum_table(profile[key], f"Postgres {phase}: autovacuum"))
+    for note in profile.get("notes", []):
+        out.print(f"[yellow]profile: {note}[/yellow]")
+    if out_dir is not None:
+        out.print(
+            f"profile in {out_dir}: worker.folded (collapsed stacks, for speedscope or "
+            "flamegraph.pl); the figures above are in the JSON under 'profile'. A profiled "
+            "run's figures carry the profilers' cost."
+        )
+
+
+def _autovacuum_table(maintenance: list[dict[str, Any]], title: str) -> Table:
+    """What autovacuum did per table: its workers' time is spent outside every statement,
+    so the statements' table does not show it."""
+    table = Table(title=f"{title}, outside the statements")
+    table.add_column("table")
+    for name in ("vacuums", "vacuum ms", "analyzes", "analyze ms"):
+        table.add_column(name, justify="right")
+    for row in maintenance:
+        table.add_row(
+            row["table"],
+            str(row["vacuums"]),
+            f"{row['vacuum_ms']:,.0f}",
+            str(row["analyzes"]),
+            f"{row['analyze_ms']:,.0f}",
+        )
+    return table
