@@ -288,7 +288,7 @@ def chargeline(settings: Settings, *args: str) -> subprocess.CompletedProcess[st
 
 async def log_end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """The exact end of each partition of ``topic`` (fetch highwater, not ListOffsets)."""
-    from workers.ops.replay import log_ends, topic_partitions
+    from workers.ops.topic_ranges import log_ends, topic_partitions
 
     consumer = AIOKafkaConsumer(
         group_id=None, enable_auto_commit=False, **security_options(settings)
@@ -305,7 +305,7 @@ async def log_end_offsets(settings: Settings, topic: str) -> dict[int, int]:
 
 async def group_offsets(settings: Settings, topic: str) -> dict[int, int | None]:
     """The live consumer group's committed offsets on ``topic`` (None: nothing committed)."""
-    from workers.ops.replay import topic_partitions
+    from workers.ops.topic_ranges import topic_partitions
 
     consumer = AIOKafkaConsumer(
         group_id=settings.consumer_group, enable_auto_commit=False, **security_options(settings)
@@ -322,7 +322,7 @@ async def move_group_to_end(settings: Settings, *topics: str) -> dict[TopicParti
     """Commit the log end of every partition for the live group (its workers stopped): what
     an operator's offset reset past unprocessed records does. Joins the group as a member
     (Tansu refuses commits from outside the group)."""
-    from workers.ops.replay import log_ends
+    from workers.ops.topic_ranges import log_ends
 
     consumer = AIOKafkaConsumer(
         *topics,

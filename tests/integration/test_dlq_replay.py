@@ -1,4 +1,4 @@
-"""`chargeline dlq list|replay` (issue 6): dead letters of a paused flow, replayed after the
+"""`chargeline dlq list|replay`: dead letters of a paused flow, replayed after the
 flow is resumed, become charges once; a second replay does nothing, and two replays at once
 share the work without publishing anything twice."""
 

@@ -1,4 +1,4 @@
-"""`chargeline replay` against real servers (issue 6): replaying what was applied changes
+"""`chargeline replay` against real servers: replaying what was applied changes
 nothing, a time window applies exactly what was never processed, --dry-run reports what the
 real run then does and changes nothing, and the live group's offsets never move."""
 
@@ -35,7 +35,7 @@ from tests.support import (
     wait_for,
 )
 from workers.kafka import security_options
-from workers.ops.replay import log_ends, topic_partitions
+from workers.ops.topic_ranges import log_ends, topic_partitions
 from workers.settings import Settings
 
 

@@ -11,7 +11,7 @@ from workers import db
 from workers.cli.args import Parser, add_actions, add_format, positive_int, timestamp
 from workers.cli.database import connect
 from workers.cli.output import emit_object, emit_rows, to_json
-from workers.ops.replay import RETRYABLE_REASONS, replay_dead_letters
+from workers.ops.dlq_replay import RETRYABLE_REASONS, replay_dead_letters
 from workers.settings import Settings
 
 DEAD_LETTER_COLUMNS = [

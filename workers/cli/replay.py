@@ -17,7 +17,8 @@ from workers.cli.output import emit_object, emit_rows, to_json
 from workers.cli.progress import ProgressDisplay, stop_on_signals
 from workers.errors import UsageError
 from workers.kafka import input_topics
-from workers.ops.replay import RangeSpec, ReplayReport, run_replay
+from workers.ops.replay import ReplayReport, run_replay
+from workers.ops.topic_ranges import RangeSpec
 from workers.settings import Settings
 
 REPLAY_LINE_EVERY_S = 5.0
