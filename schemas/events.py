@@ -48,7 +48,8 @@ class ChargeEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     kind: ClassVar[EventKind] = "charge"
-    # The fields of dedup_key, by name: read from records not yet validated (workers/known.py).
+    # The fields of dedup_key, by name: read from records not yet validated
+    # (workers/ingest/known.py).
     dedup_fields: ClassVar[tuple[str, str]] = ("flow_id", "reference")
 
     type: Literal["charge"]

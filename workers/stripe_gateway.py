@@ -1,4 +1,5 @@
-"""The few Stripe calls chargeline makes, through the real ``stripe`` SDK (async).
+"""Every Stripe call chargeline makes (charges for reloads and top-ups, payouts), through
+the real ``stripe`` SDK (async), timed and counted.
 
 Only Stripe ids pass through here: no card data is ever read, stored or logged.
 """
@@ -9,6 +10,7 @@ import time
 from typing import Any
 
 import stripe
+from stripe.params import PayoutCreateParams, PayoutListParams
 
 from workers.metrics import Metrics
 from workers.settings import Settings
@@ -118,3 +120,25 @@ class StripeGateway:
             ),
         )
         return dict(intent.to_dict())
+
+    # --- payouts (to a connected account) ---
+
+    async def create_payout(
+        self, params: PayoutCreateParams, *, idempotency_key: str, account: str
+    ) -> stripe.Payout:
+        created: stripe.Payout = await self._timed(
+            "payouts.create",
+            self.client.v1.payouts.create_async(
+                params, options={"idempotency_key": idempotency_key, "stripe_account": account}
+            ),
+        )
+        return created
+
+    async def list_payouts(
+        self, params: PayoutListParams, *, account: str
+    ) -> stripe.ListObject[stripe.Payout]:
+        page: stripe.ListObject[stripe.Payout] = await self._timed(
+            "payouts.list",
+            self.client.v1.payouts.list_async(params, options={"stripe_account": account}),
+        )
+        return page

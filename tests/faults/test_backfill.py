@@ -1,4 +1,4 @@
-"""A backfill of 1,000,000 events from a file (issue 6): `chargeline publish` streams it in
+"""A backfill of 1,000,000 events from a file: `chargeline publish` streams it in
 bounded memory with progress and every record reaches the topic; `chargeline replay` then
 applies the whole topic, also in bounded memory with progress, each event exactly once."""
 

@@ -1,5 +1,5 @@
-"""The broker frozen for 20 s (SIGSTOP, then SIGCONT) in the middle of a load (issue 8,
-fault 5): longer than the session timeout, with fetches, offset commits, heartbeats and
+"""The broker frozen for 20 s (SIGSTOP, then SIGCONT) in the middle of a load: longer than
+the session timeout, with fetches, offset commits, heartbeats and
 the outbox relay's sends in flight. The workers resume by themselves within 60 s of the
 broker coming back, and every event is applied exactly once. A worker started while the
 broker is frozen (so it cannot join the group) still stops promptly on SIGTERM."""

@@ -1,6 +1,6 @@
 """A worker SIGKILLed exactly between the database commit and the offset commit, and just
 before the database commit, every few batches until a mixed load is through: every
-valid event applied once, every invalid one dead-lettered once (issue 8, fault 1).
+valid event applied once, every invalid one dead-lettered once.
 
 These are the tests that fail if offsets were committed before the database commit
 (crash_before_db_commit loses the batch) or if the dedup keys were dropped

@@ -1,5 +1,5 @@
 """SIGKILL a worker process in the middle of a load, again and again: nothing is lost,
-nothing applied twice (issue 2 acceptance; issue 8 grows this suite)."""
+nothing applied twice."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Three worker processes in one group, members killed and added during a usage load:
 every balance equals its ledger sum and an independently computed value, and the alerts
-are exactly the sign crossings of that value (issue 3 acceptance)."""
+are exactly the sign crossings of that value."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The outbox relay SIGKILLed in the middle of publishing a large backlog, three times
-(issue 8, fault 8). Alerts are written in the balance change's transaction and published
+"""The outbox relay SIGKILLed in the middle of publishing a large backlog, three times.
+Alerts are written in the balance change's transaction and published
 at least once: every alert in Postgres reaches billing.alerts (duplicates allowed, counted),
 per customer first seen in commit order, and every dead letter reaches billing.dlq."""
 

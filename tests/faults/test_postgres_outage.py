@@ -1,4 +1,4 @@
-"""Postgres failing under the workers (issue 8, fault 4): their connections killed with
+"""Postgres failing under the workers: their connections killed with
 pg_terminate_backend again and again, mid-transaction; and the server stopped for 15 s
 and started again while records keep arriving. The workers back off and retry (an outage
 is never a dead letter), stay alive with their memory bounded, resume by themselves, and

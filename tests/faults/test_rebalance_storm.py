@@ -1,4 +1,4 @@
-"""A rebalance storm (issue 8, fault 3): while a mixed load streams in, a worker process is
+"""A rebalance storm: while a mixed load streams in, a worker process is
 added, SIGTERMed or SIGKILLed every second and a half, so the group is rebalancing most of
 the time and partitions keep moving between members mid-batch. Afterwards every valid
 event is applied once, every invalid one dead-lettered once, balances and alerts exact."""

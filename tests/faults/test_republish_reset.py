@@ -1,4 +1,4 @@
-"""The same events delivered again (issue 8, fault 7): every applied event re-published
+"""The same events delivered again: every applied event re-published
 with its reference at a new offset, and the live consumer group reset to the beginning
 (offset 0 committed for every partition, the same group), so the workers read the whole
 history and the copies once more. Nothing changes: row counts, sums, balances, alerts,

@@ -1,6 +1,6 @@
 """A worker frozen (SIGSTOP) past its session timeout, preferably in the middle of its
-database transaction, while another member takes its partitions; then thawed (SIGCONT)
-(issue 8, fault 2). The stale worker finishes the batch it held, tries to commit offsets
+database transaction, while another member takes its partitions; then thawed (SIGCONT).
+The stale worker finishes the batch it held, tries to commit offsets
 for partitions it no longer owns and joins the group again; whatever it applies, nothing
 is applied twice and nothing is lost."""
 

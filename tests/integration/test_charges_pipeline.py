@@ -1,4 +1,4 @@
-"""Issue 2 acceptance: charge events from Kafka into Postgres with dedup and dead letters."""
+"""Charge events from Kafka into Postgres with dedup and dead letters."""
 
 from __future__ import annotations
 

@@ -45,6 +45,7 @@ from tests.support import assert_invariants
 from tests.unit.test_schema_parity import GENERATED, ODD_FOR_FIELD, dumps, json_values, odd_values
 from workers import db
 from workers.app import build_handlers
+from workers.ingest.parse import BareRecord
 from workers.ingest.processor import BatchProcessor, BatchResult
 from workers.metrics import Metrics
 from workers.settings import Settings
@@ -58,19 +59,6 @@ ODD_TIMESTAMPS = [-1, -5, 0, 253_402_300_800_000, 2**63 - 1]
 Position = tuple[str, int, int]  # (topic, partition, offset) of a record
 APPLIED_TABLES = ("charges", "usage_events", "grants", "credit_voids")
 COUNTED_TABLES = (*APPLIED_TABLES, "dead_letters", "conflicts")
-
-
-@dataclass
-class KafkaRecord:
-    """What the apply path reads of an aiokafka ConsumerRecord."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
-    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -230,7 +218,7 @@ class Harness:
         self.examples += 1
         self.processor = _processor(self.settings)
 
-    def records(self, planned: Sequence[Planned]) -> list[KafkaRecord]:
+    def records(self, planned: Sequence[Planned]) -> list[BareRecord]:
         """Kafka-like records, with this example's prefix on the customer and reference
         pools (so examples never meet) and positions of their own."""
         prefix = f"x{self.examples}-"
@@ -244,7 +232,7 @@ class Harness:
             offset = self.offsets[position]
             self.offsets[position] += 1
             records.append(
-                KafkaRecord(
+                BareRecord(
                     topic,
                     plan.partition,
                     offset,
@@ -256,7 +244,7 @@ class Harness:
             )
         return records
 
-    async def deliver(self, records: Sequence[KafkaRecord]) -> BatchResult:
+    async def deliver(self, records: Sequence[BareRecord]) -> BatchResult:
         """One batch, as the consumer loop hands it over: prepared, then each part applied
         in a transaction of its own."""
         result = BatchResult(records=len(records))
@@ -271,7 +259,7 @@ class Harness:
                 for table in COUNTED_TABLES
             }
 
-    async def outcomes(self, records: Sequence[KafkaRecord]) -> dict[Position, list[str]]:
+    async def outcomes(self, records: Sequence[BareRecord]) -> dict[Position, list[str]]:
         """What became of each record, by source position: "applied" (a row at its
         position) and the reason of its dead letter, if any."""
         wanted = {(r.topic, r.partition, r.offset): r.value for r in records}

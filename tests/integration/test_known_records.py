@@ -1,4 +1,4 @@
-"""Known records (workers/known.py), on real servers: a lane that probes counts the records
+"""Known records (workers/ingest/known.py), on real servers: a lane that probes counts the records
 Postgres holds byte for byte as duplicates without parsing them, and everything else (the
 same event in other bytes, another payload under a stored key, a copy under the wrong record
 key, malformed bytes, new events) takes the full path with the outcome it always had."""

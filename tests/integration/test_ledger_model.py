@@ -45,6 +45,7 @@ from hypothesis import strategies as st
 
 from tests.support import assert_invariants, grant, rfc3339, usage
 from workers import db
+from workers.ingest.parse import BareRecord
 from workers.ingest.processor import BatchProcessor, BatchResult
 from workers.ingest.usage import UsageHandler
 from workers.metrics import Metrics
@@ -325,19 +326,6 @@ class LedgerModel:
 # --- the real path ---------------------------------------------------------------------------
 
 
-@dataclass
-class KafkaRecord:
-    """What the apply path reads of an aiokafka ConsumerRecord."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
-    headers: tuple[tuple[str, bytes], ...] = ()
-
-
 async def database_state(
     conn: asyncpg.Connection, settings: Settings, customer_refs: Sequence[str]
 ) -> dict[str, Any]:
@@ -472,12 +460,12 @@ class Run:
         in the test's own transaction (path "own"), or the first unless a grant time falls so
         near that the model must know the exact ledger time (path "auto")."""
         stamp = int(time.time() * 1000) - PUBLISHED_BEFORE_MS
-        records: list[KafkaRecord] = []
+        records: list[BareRecord] = []
         sent: dict[int, Sent] = {}
         for event in events:
             customer = event["customer_ref"]
             partition = self.partition_of.get(customer, 0)
-            record = KafkaRecord(
+            record = BareRecord(
                 topic=self.settings.topic_usage,
                 partition=partition,
                 offset=self.harness.next_offset(partition),

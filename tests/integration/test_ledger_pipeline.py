@@ -1,4 +1,4 @@
-"""Issue 3 acceptance: usage and grants through the token ledger, alerts on billing.alerts."""
+"""Usage and grants through the token ledger, alerts on billing.alerts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 5 acceptance: payouts per payee, currency and period, on billing.payouts, and Stripe
+"""Payouts per payee, currency and period, on billing.payouts, and Stripe
 payouts created once, against real Postgres, broker and Stripe stand-in."""
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ async def stand_in_payouts(settings: Settings, payout_id: str) -> list[stripe.Pa
     params: PayoutListParams = {"limit": 100}
     try:
         while True:
-            page = await sender.client.v1.payouts.list_async(params)
+            page = await sender.gateway.client.v1.payouts.list_async(params)
             found += [
                 p
                 for p in page.data

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,7 +41,7 @@ from tests.support import (
 )
 from workers import db
 from workers.ingest.dedupe import Verdict
-from workers.ingest.parse import Parsed
+from workers.ingest.parse import BareRecord, Parsed
 from workers.ingest.processor import BatchProcessor, Handler
 from workers.ingest.usage import UsageHandler
 from workers.metrics import Metrics
@@ -136,19 +135,6 @@ async def test_instants_out_of_range_in_utc_are_dead_lettered_and_the_lane_flows
     assert await _committed_to_end(settings, settings.topic_usage)
 
 
-@dataclass
-class _Record:
-    """What the processor reads of a Kafka record."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int
-    headers: tuple[tuple[str, bytes | None], ...] = ()
-
-
 class _PlantedBug:
     """The usage handler with a bug planted: any batch holding reference ``planted`` raises."""
 
@@ -182,7 +168,7 @@ async def test_a_planted_bug_is_isolated_and_its_neighbours_applied_in_order(
     records = []
     for offset, event in enumerate(events):
         key, value = record(event, key="c1")
-        records.append(_Record(settings.topic_usage, 0, offset, key, value, now_ms))
+        records.append(BareRecord(settings.topic_usage, 0, offset, key, value, now_ms))
     pool = await db.create_pool(settings.dsn)
     try:
         with capture_logs() as logs:

@@ -1,4 +1,4 @@
-"""Issue 9: a real Prometheus scrapes a running worker and answers queries on its metrics.
+"""A real Prometheus scrapes a running worker and answers queries on its metrics.
 
 The worker runs in this event loop (``running_worker``) with /metrics on a free port;
 Prometheus (Debian's ``prometheus`` package) scrapes it every second with the alert rules

@@ -1,4 +1,4 @@
-"""Issue 4 acceptance: auto-reload and top-ups through the Stripe stand-in (localstripe),
+"""Auto-reload and top-ups through the Stripe stand-in (localstripe),
 with the real `stripe` SDK; no card data kept; one PaymentIntent per crossing."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 9: the database roles of schemas/sql/roles.sql, applied to a real Postgres.
+"""The database roles of schemas/sql/roles.sql, applied to a real Postgres.
 
 The runtime role is refused DDL and deletes from the append-only tables, yet a worker
 connected as it processes charges and usage end to end (so the grants are sufficient).

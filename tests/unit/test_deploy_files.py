@@ -1,4 +1,4 @@
-"""Issue 9: what deploy/ ships is valid and refers only to things that exist.
+"""What deploy/ ships is valid and refers only to things that exist.
 
 Prometheus rules are checked and unit-tested with promtool (Debian's `prometheus` package;
 .ci/run installs it). Without promtool these tests skip on a developer's machine and fail

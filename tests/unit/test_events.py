@@ -818,7 +818,7 @@ def test_dedup_keys() -> None:
 
 
 def test_dedup_fields_name_the_fields_of_the_dedup_key() -> None:
-    """workers/known.py reads a record's dedup key by these names, before validation."""
+    """workers/ingest/known.py reads a record's dedup key by these names, before validation."""
     for base in BASES.values():
         parsed = parse_event(event(base, customer_ref="c", reference="r"))
         assert tuple(getattr(parsed, name) for name in parsed.dedup_fields) == parsed.dedup_key

@@ -1,4 +1,4 @@
-"""workers/known.py without servers: what a peek lets through to the digest lookup (only
+"""workers/ingest/known.py without servers: what a peek lets through to the digest lookup (only
 records that could have been recorded as they are), and when a lane starts and stops
 probing."""
 

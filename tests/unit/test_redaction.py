@@ -1,4 +1,4 @@
-"""Issue 9: secrets, API keys and card numbers never reach a log line.
+"""Secrets, API keys and card numbers never reach a log line.
 
 The end-to-end tests run a small program in a subprocess (so that it owns its stderr and
 its logging set-up) that sends secrets through every way a line is written: structlog

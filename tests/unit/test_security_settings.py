@@ -1,4 +1,4 @@
-"""Issue 9: Kafka SASL (SCRAM-SHA-256/512, PLAIN) and TLS settings, Postgres TLS in the URL.
+"""Kafka SASL (SCRAM-SHA-256/512, PLAIN) and TLS settings, Postgres TLS in the URL.
 
 What reaches aiokafka is checked by building its client from ``security_options``: it
 validates the combination itself (a SASL_SSL client without an SSL context, or SCRAM with

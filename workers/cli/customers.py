@@ -125,6 +125,7 @@ async def credits_topup(settings: Settings, args: argparse.Namespace) -> int:
             await processor.gateway.close()
         async with pool.acquire() as conn:
             row = await conn.fetchrow(db.QUERIES["reload_show"], reload_id)
+            assert row is not None  # created above, in this command
             balance = await conn.fetchval(
                 "SELECT balance FROM customers WHERE customer_ref = $1", args.customer
             )

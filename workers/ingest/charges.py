@@ -7,12 +7,11 @@ Dedup key ``(flow_id, reference)``; a charge for an unknown flow is dead-lettere
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import orjson
 
 from schemas.events import ChargeEvent
-from workers.db import QUERIES
+from workers.db import QUERIES, Connection, fetch_one
 from workers.ingest.dedupe import Verdict, resolve_races, verdicts_from_report
 from workers.ingest.parse import Parsed
 
@@ -26,7 +25,9 @@ class ChargesHandler:
     def __init__(self, topic: str) -> None:
         self.topic = topic
 
-    async def apply(self, conn: Any, events: list[Parsed], alerts: Counter[str]) -> list[Verdict]:
+    async def apply(
+        self, conn: Connection, events: list[Parsed], alerts: Counter[str]
+    ) -> list[Verdict]:
         if not events:
             return []
         inputs = []
@@ -50,7 +51,7 @@ class ChargesHandler:
                 )
             )
         # One tuple per charge, in the field order of the charge_input row type.
-        report = await conn.fetchrow(QUERIES["record_charges"], inputs, self.topic)
+        report = await fetch_one(conn, QUERIES["record_charges"], inputs, self.topic)
         verdicts, raced = verdicts_from_report(report, events)
         flow_statuses = report["flow_statuses"]
         # Neither recorded nor stored before: the flow refused it, or another transaction

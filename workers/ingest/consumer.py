@@ -18,6 +18,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from workers import kafka
+from workers.db import Pool
 from workers.ingest.parse import Record, describe_exception
 from workers.ingest.pipeline import BatchPipeline
 from workers.ingest.processor import BatchProcessor, BatchResult, Part, partition_spans
@@ -67,7 +68,7 @@ class ConsumerLoop(WorkerLoop):
     def __init__(
         self,
         settings: Settings,
-        pool: Any,
+        pool: Pool,
         processor: BatchProcessor,
         metrics: Metrics,
         consumer: Any,
@@ -392,7 +393,7 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self, assigned: set[TopicPartition]
     ) -> set[TopicPartition]:
         # Read from their start by this group: a re-read of what Postgres holds, if anything
-        # (workers/known.py). Only a hint: when the coordinator cannot say in time (aiokafka
+        # (workers/ingest/known.py). Only a hint: when the coordinator cannot say in time (aiokafka
         # retries without end while the broker is away), the lanes learn their mode from
         # their batches as before.
         async def fresh() -> set[TopicPartition]:

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from workers.db import QUERIES
+from workers.db import QUERIES, Connection
 from workers.ingest.parse import Rejected, record_time
 from workers.kafka import encode_headers
 
@@ -40,7 +40,7 @@ def dlq_record(rejected: Rejected) -> tuple[bytes, list[tuple[str, bytes]]]:
 
 
 async def record_dead_letters(
-    conn: Any, dead: Sequence[Rejected], *, dlq_topic: str
+    conn: Connection, dead: Sequence[Rejected], *, dlq_topic: str
 ) -> Counter[str]:
     """Record every rejection once (by source position); return new dead letters by reason."""
     if not dead:

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from workers.db import Connection, Row
 from workers.ingest.parse import Conflict, Parsed, Rejected
 
 
@@ -143,7 +144,7 @@ def _same_or_conflict(parsed: Parsed, stored: Stored, dead: list[Rejected]) -> t
 
 
 def verdicts_from_report(
-    report: Any, events: list[Parsed]
+    report: Row, events: list[Parsed]
 ) -> tuple[list[Verdict | None], list[int]]:
     """Verdicts from the report of a ``record_*`` statement (one row of arrays in event
     order: ``new_ids``, ``stored_fingerprints``, ``stored_payloads``), and the indexes that
@@ -168,7 +169,7 @@ def verdicts_from_report(
 
 
 async def resolve_races(
-    conn: Any,
+    conn: Connection,
     query: str,
     keys: list[tuple[str, str]],
     verdicts: list[Verdict | None],

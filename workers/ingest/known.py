@@ -22,12 +22,12 @@ cent duplicates) never pays for the peek.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import orjson
 
 from schemas.events import EVENT_MODELS
-from workers.db import QUERIES
+from workers.db import QUERIES, Connection
 from workers.ingest.parse import Record, raw_digest
 
 DEDUP_FIELDS = {kind: model.dedup_fields for kind, model in EVENT_MODELS.items()}
@@ -35,8 +35,8 @@ DEDUP_FIELDS = {kind: model.dedup_fields for kind, model in EVENT_MODELS.items()
 
 class Peeked(TypedDict):
     """A record that Postgres may hold, as a row of the lookup's JSON input: built once, in
-    the form it is sent (a NamedTuple per record, then a dict per record for the JSON, were
-    8% of the samples in a replay's profile)."""
+    the form it is sent, since a replay is bound by the worker's CPU and every per-record
+    object counts."""
 
     i: int  # position in the records peeked at
     t: str  # event type
@@ -85,15 +85,15 @@ def peek(
     return peeked
 
 
-async def known_records(conn: Any, peeked: list[Peeked]) -> set[int]:
+async def known_records(conn: Connection, peeked: list[Peeked]) -> set[int]:
     """The positions (``Peeked["i"]``) of the records Postgres holds under their dedup key
     with the same digest."""
     if not peeked:
         return set()
-    # One JSON document, not four arrays: asyncpg encodes an array element by element
-    # (0.2-0.4 us each), orjson the whole batch for less than one such array costs, and
-    # a replay is bound by the worker's CPU. Postgres parses it for about 0.8 us a record
-    # more than arrays; the live statements, Postgres's load, keep their arrays (README).
+    # One JSON document, not four arrays: asyncpg encodes an array element by element in
+    # Python, orjson the whole batch in C, and a replay is bound by the worker's CPU.
+    # Postgres parses JSON for a little more than arrays, so the live statements, which
+    # Postgres's load bounds, keep their arrays.
     batch = orjson.dumps(peeked)
     rows = await conn.fetch(QUERIES["known_records"], batch.decode())
     return {row[0] for row in rows}

@@ -8,15 +8,31 @@ dead-letter path while its neighbours carry on.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Protocol
 
 from schemas.events import EventRejected, InputEvent, canonical_json, parse_event
 
-# aiokafka's ConsumerRecord is generic and untyped; these are the attributes we rely on.
-Record = Any
+
+class Record(Protocol):
+    """What the worker reads of a Kafka record (aiokafka's ``ConsumerRecord``, untyped)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
 
 
 @dataclass(slots=True)
@@ -27,7 +43,7 @@ class Parsed:
     event: InputEvent
     payload: bytes  # canonical JSON of the event as sent, stored with the event
     fingerprint: bytes  # sha256 of payload: equal fingerprints, same payload
-    raw_digest: bytes  # of the record value as it arrived, stored too (workers/known.py)
+    raw_digest: bytes  # of the record value as it arrived, stored too (workers/ingest/known.py)
     occurred_at: datetime
     # The event's, read once here: dedupe and judge look at them several times per event.
     event_type: str
@@ -56,8 +72,8 @@ class Rejected:
 
 @dataclass(slots=True, frozen=True)
 class BareRecord:
-    """A record's position, time and bytes without its headers: what a dead letter keeps
-    when the headers themselves cannot be stored."""
+    """A record as plain data: what a dead letter keeps (without the headers) when the
+    headers themselves cannot be stored, and a record built by hand."""
 
     topic: str
     partition: int
@@ -65,7 +81,7 @@ class BareRecord:
     key: bytes | None
     value: bytes | None
     timestamp: int
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
     @classmethod
     def of(cls, record: Record) -> BareRecord:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 from aiokafka import TopicPartition
 
 from workers import db
+from workers.db import Connection, Pool
 from workers.ingest.deadletters import record_dead_letters
 from workers.ingest.dedupe import Outcome, Verdict, first_occurrences, judge
 from workers.ingest.known import LaneModes, known_records, peek
@@ -40,6 +41,7 @@ from workers.retry import Stopping, retry_transient
 from workers.settings import Settings
 
 log = get_logger("chargeline.ingest")
+T = TypeVar("T")
 
 
 class Handler(Protocol):
@@ -49,7 +51,9 @@ class Handler(Protocol):
     topic: str
     accepted_types: frozenset[str]
 
-    async def apply(self, conn: Any, events: list[Parsed], alerts: Counter[str]) -> list[Verdict]:
+    async def apply(
+        self, conn: Connection, events: list[Parsed], alerts: Counter[str]
+    ) -> list[Verdict]:
         """Apply the first occurrence of each dedup key; one verdict per event, in order.
         Count the alerts written (by type) into ``alerts``."""
         ...
@@ -155,7 +159,7 @@ class BatchProcessor:
             max_event_bytes=self.settings.max_event_bytes,
         )
 
-    async def _sort_out_known(self, conn: Any, part: Part) -> None:
+    async def _sort_out_known(self, conn: Connection, part: Part) -> None:
         """Step 0 on a probing lane: count the known records, parse the others."""
         assert part.unparsed is not None
         records = part.unparsed
@@ -172,7 +176,7 @@ class BatchProcessor:
         )
         part.unparsed = None
 
-    async def apply(self, conn: Any, parts: Sequence[Part]) -> BatchResult:
+    async def apply(self, conn: Connection, parts: Sequence[Part]) -> BatchResult:
         """Steps 2-4 on ``conn``, inside a transaction the caller owns."""
         result = BatchResult()
         dead: list[Rejected] = []
@@ -223,7 +227,7 @@ class BatchProcessor:
 
     async def transact(
         self,
-        pool: Any,
+        pool: Pool,
         part: Part,
         *,
         stopping: asyncio.Event | None = None,
@@ -244,7 +248,7 @@ class BatchProcessor:
 
     async def _transact(
         self,
-        pool: Any,
+        pool: Pool,
         part: Part,
         stopping: asyncio.Event | None,
         before_commit: Callable[[str], None] | None = None,
@@ -256,6 +260,13 @@ class BatchProcessor:
                     before_commit("crash_before_db_commit")
                 return result
 
+        return await self._retried(attempt, stopping)
+
+    async def _retried(
+        self, attempt: Callable[[], Awaitable[T]], stopping: asyncio.Event | None
+    ) -> T:
+        """``attempt`` (one transaction) tried again through outages and a database set up
+        wrong; anything else is for the caller to judge."""
         return await retry_transient(
             attempt,
             is_transient=db.is_retried,
@@ -266,7 +277,7 @@ class BatchProcessor:
         )
 
     async def _isolate(
-        self, pool: Any, part: Part, failure: Exception, stopping: asyncio.Event | None
+        self, pool: Pool, part: Part, failure: Exception, stopping: asyncio.Event | None
     ) -> BatchResult:
         """Apply ``part`` in halves, each in a transaction of its own, down to the records
         that fail on their own; dead-letter those. Innocent records apply in order: the
@@ -317,7 +328,7 @@ class BatchProcessor:
 
     async def _dead_letter_culprit(
         self,
-        pool: Any,
+        pool: Pool,
         item: Parsed | Rejected,
         failure: Exception,
         stopping: asyncio.Event | None,
@@ -340,14 +351,7 @@ class BatchProcessor:
                         conn, [rejected], dlq_topic=self.settings.topic_dlq
                     )
 
-            return await retry_transient(
-                attempt,
-                is_transient=db.is_retried,
-                component="postgres",
-                settings=self.settings,
-                metrics=self.metrics,
-                stopping=stopping,
-            )
+            return await self._retried(attempt, stopping)
 
         try:
             dead = await write(rejected)

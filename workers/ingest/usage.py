@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from schemas.events import CreditGrantEvent, CreditVoidEvent, UsageEvent
-from workers.db import QUERIES
+from workers.db import QUERIES, Connection, fetch_one
 from workers.ingest.dedupe import Verdict, resolve_races, verdicts_from_report
 from workers.ingest.parse import Parsed
 from workers.ledger.rules import Ledger
@@ -41,7 +41,9 @@ class UsageHandler:
         self.topic = topic
         self.alerts_topic = alerts_topic
 
-    async def apply(self, conn: Any, events: list[Parsed], alerts: Counter[str]) -> list[Verdict]:
+    async def apply(
+        self, conn: Connection, events: list[Parsed], alerts: Counter[str]
+    ) -> list[Verdict]:
         if not events:
             return []
         verdicts: list[Verdict | None] = [None] * len(events)
@@ -69,14 +71,14 @@ class UsageHandler:
 
     async def _record(
         self,
-        conn: Any,
+        conn: Connection,
         query: str,
         race_query: str,
         events: list[Parsed],
         rows: list[tuple[Any, ...]],
     ) -> tuple[list[Verdict | None], list[int | None]]:
         # rows: one tuple per event, in the field order of the statement's input row type.
-        report = await conn.fetchrow(QUERIES[query], rows, self.topic)
+        report = await fetch_one(conn, QUERIES[query], rows, self.topic)
         verdicts, raced = verdicts_from_report(report, events)
         if raced:
             keys = [parsed.dedup_key for parsed in events]
@@ -84,7 +86,7 @@ class UsageHandler:
         return verdicts, report["new_ids"]
 
     async def _record_usage(
-        self, conn: Any, events: list[Parsed]
+        self, conn: Connection, events: list[Parsed]
     ) -> tuple[list[Verdict | None], list[int | None]]:
         rows = []
         for parsed in events:
@@ -107,7 +109,7 @@ class UsageHandler:
         return await self._record(conn, "record_usage", "stored_usage", events, rows)
 
     async def _record_grants(
-        self, conn: Any, events: list[Parsed]
+        self, conn: Connection, events: list[Parsed]
     ) -> tuple[list[Verdict | None], list[int | None]]:
         rows = []
         for parsed in events:
@@ -135,7 +137,7 @@ class UsageHandler:
         return await self._record(conn, "record_grants", "stored_grants", events, rows)
 
     async def _record_voids(
-        self, conn: Any, events: list[Parsed]
+        self, conn: Connection, events: list[Parsed]
     ) -> tuple[list[Verdict | None], list[int | None]]:
         rows = []
         for parsed in events:
@@ -158,7 +160,7 @@ class UsageHandler:
 
     # --- 2-4. the ledger ------------------------------------------------------------------------
 
-    async def _refused_before(self, conn: Any, voids: list[Parsed]) -> set[tuple[int, int]]:
+    async def _refused_before(self, conn: Connection, voids: list[Parsed]) -> set[tuple[int, int]]:
         """The (partition, offset) of the voids already dead-lettered at their position: a
         void refused ``unknown_grant`` leaves no dedup row (so that ``dlq replay`` can apply
         it once its grant exists), so only its position tells a redelivery."""
@@ -174,7 +176,7 @@ class UsageHandler:
 
     async def _apply_ledger(
         self,
-        conn: Any,
+        conn: Connection,
         events: list[Parsed],
         new: dict[int, int],
         verdicts: list[Verdict | None],

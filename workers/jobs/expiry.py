@@ -9,9 +9,8 @@ rows are locked in sorted order).
 
 from __future__ import annotations
 
-from typing import Any
-
 from workers import db
+from workers.db import Pool
 from workers.ledger.store import load_ledger, write_ledger
 from workers.lifecycle import PeriodicWorker
 from workers.logs import get_logger
@@ -24,7 +23,7 @@ log = get_logger("chargeline.expiry")
 class ExpiryWorker(PeriodicWorker):
     name = "expiry"
 
-    def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, pool: Pool, metrics: Metrics) -> None:
         super().__init__(settings, metrics)
         self.pool = pool
         self.expired_entries = 0

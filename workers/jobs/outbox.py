@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Any
 
 from workers import db, kafka
+from workers.db import Connection, Pool, fetch_one
 from workers.kafka import decode_headers
 from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
@@ -36,7 +37,7 @@ class OutboxRelay(WorkerLoop):
 
     name = "outbox"
 
-    def __init__(self, settings: Settings, pool: Any, producer: Any, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, pool: Pool, producer: Any, metrics: Metrics) -> None:
         super().__init__(settings, metrics)
         self.pool = pool
         self.producer = producer
@@ -76,7 +77,7 @@ class OutboxRelay(WorkerLoop):
                 if not conn.is_closed():
                     await conn.execute("SELECT pg_advisory_unlock($1::bigint)", _LEADER_LOCK_ID)
 
-    async def publish_once(self, conn: Any) -> int:
+    async def publish_once(self, conn: Connection) -> int:
         """Publish one page of unpublished rows; return how many."""
         rows = await conn.fetch(db.QUERIES["outbox_next"], self.settings.outbox_batch_size)
         if not rows:
@@ -105,7 +106,7 @@ class OutboxRelay(WorkerLoop):
         )
         return len(rows)
 
-    async def _refresh_stats(self, conn: Any) -> None:
-        stats = await conn.fetchrow(db.QUERIES["outbox_stats"])
+    async def _refresh_stats(self, conn: Connection) -> None:
+        stats = await fetch_one(conn, db.QUERIES["outbox_stats"])
         self.metrics.outbox_depth.set(stats["depth"])
         self.metrics.outbox_oldest_age.set(stats["oldest_age_s"])

@@ -33,6 +33,7 @@ from stripe.params import PayoutCreateParams, PayoutListParams
 
 from schemas.outputs import PayoutEvent
 from workers import db, stripe_gateway
+from workers.db import Connection, Pool, fetch_one
 from workers.errors import ChargelineError, UsageError
 from workers.lifecycle import PeriodicWorker
 from workers.logs import get_logger
@@ -132,7 +133,7 @@ class Cut:
 
 
 async def cut_payouts(
-    conn: Any, *, until: datetime | None, period: PayoutPeriod, topic: str
+    conn: Connection, *, until: datetime | None, period: PayoutPeriod, topic: str
 ) -> Cut:
     """Cut payouts at ``until`` (the database's current time when None), on demand.
 
@@ -141,7 +142,7 @@ async def cut_payouts(
     """
     async with conn.transaction():
         await conn.execute(db.QUERIES["payout_cut_lock"], _CUT_LOCK_ID)
-        state = await conn.fetchrow(db.QUERIES["payout_cut_state"])
+        state = await fetch_one(conn, db.QUERIES["payout_cut_state"])
         now, last_end = state["now"], state["last_end"]
         end = now if until is None else until
         if end > now:
@@ -154,12 +155,12 @@ async def cut_payouts(
 
 
 async def cut_scheduled(
-    conn: Any, *, period: PayoutPeriod, grace_s: float, topic: str
+    conn: Connection, *, period: PayoutPeriod, grace_s: float, topic: str
 ) -> Cut | None:
     """Close the oldest due period that holds unpaid charges; None when none is due."""
     async with conn.transaction():
         await conn.execute(db.QUERIES["payout_cut_lock"], _CUT_LOCK_ID)
-        state = await conn.fetchrow(db.QUERIES["payout_cut_state"])
+        state = await fetch_one(conn, db.QUERIES["payout_cut_state"])
         end = next_scheduled_cut(
             now=state["now"],
             last_end=state["last_end"],
@@ -173,7 +174,7 @@ async def cut_scheduled(
 
 
 async def _cut_at(
-    conn: Any, end: datetime, trigger: CutTrigger, *, period: PayoutPeriod, topic: str
+    conn: Connection, end: datetime, trigger: CutTrigger, *, period: PayoutPeriod, topic: str
 ) -> Cut:
     """Inside the cut's transaction, holding the lock: 1. the cut row, 2. payouts and the
     charges they claim (one statement), 3. their outbox rows."""
@@ -239,12 +240,11 @@ class StripePayouts:
         # The SDK does not retry (max_network_retries=0): our retries look the payout up
         # before they could create it again.
         self.gateway = StripeGateway(settings, metrics)
-        self.client = self.gateway.client
 
     async def close(self) -> None:
         await self.gateway.close()
 
-    async def send_pending(self, pool: Any) -> Counter[str]:
+    async def send_pending(self, pool: Pool) -> Counter[str]:
         """Send every pending payout, oldest first; outcomes counted (sent, failed, skipped).
 
         One sender at a time (a session advisory lock); another sender's turn returns at once.
@@ -264,7 +264,7 @@ class StripePayouts:
                 if not conn.is_closed():
                     await conn.execute(db.QUERIES["payout_send_unlock"], _SEND_LOCK_ID)
 
-    async def send_one(self, conn: Any, payout: dict[str, Any]) -> str:
+    async def send_one(self, conn: Connection, payout: dict[str, Any]) -> str:
         """1. record the attempt, 2. find or create the Stripe Payout, 3. mark it."""
         payout_id = payout["payout_id"]
         earlier = await self.start_attempt(conn, payout_id)
@@ -284,7 +284,7 @@ class StripePayouts:
         log.info("stripe_payout_sent", payout_id=payout_id, stripe_payout_id=sent.id)
         return "sent"
 
-    async def start_attempt(self, conn: Any, payout_id: str) -> int | None:
+    async def start_attempt(self, conn: Connection, payout_id: str) -> int | None:
         """Record an attempt (committed); the number of earlier ones, None if not pending."""
         earlier: int | None = await conn.fetchval(db.QUERIES["payout_send_attempt"], payout_id)
         return earlier
@@ -305,28 +305,15 @@ class StripePayouts:
                 METADATA_PAYEE: payout["payee_ref"],
             },
         }
-        created: stripe.Payout = await self.gateway._timed(
-            "payouts.create",
-            self.client.v1.payouts.create_async(
-                params,
-                options={
-                    "idempotency_key": payout["payout_id"],
-                    "stripe_account": payout["stripe_account"],
-                },
-            ),
+        return await self.gateway.create_payout(
+            params, idempotency_key=payout["payout_id"], account=payout["stripe_account"]
         )
-        return created
 
     async def find(self, payout: dict[str, Any]) -> stripe.Payout | None:
         """The Stripe Payout carrying this payout's id (and amount and currency), if any."""
         params: PayoutListParams = {"limit": _LOOKUP_PAGE}
         for _ in range(_LOOKUP_MAX_PAGES):
-            page: stripe.ListObject[stripe.Payout] = await self.gateway._timed(
-                "payouts.list",
-                self.client.v1.payouts.list_async(
-                    params, options={"stripe_account": payout["stripe_account"]}
-                ),
-            )
+            page = await self.gateway.list_payouts(params, account=payout["stripe_account"])
             for item in page.data:
                 metadata = item.metadata.to_dict() if item.metadata is not None else {}
                 if (
@@ -352,7 +339,7 @@ class PayoutWorker(PeriodicWorker):
 
     name = "payouts"
 
-    def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, pool: Pool, metrics: Metrics) -> None:
         super().__init__(settings, metrics)
         self.pool = pool
         self.stripe = StripePayouts(settings, metrics)
@@ -433,6 +420,6 @@ class PayoutWorker(PeriodicWorker):
 
     async def refresh_gauges(self) -> None:
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(db.QUERIES["payout_backlog"])
+            row = await fetch_one(conn, db.QUERIES["payout_backlog"])
         self.metrics.charges_awaiting_payout.set(row["awaiting"])
         self.metrics.oldest_unpaid_charge_age.set(row["oldest_age_s"])

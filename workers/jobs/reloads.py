@@ -32,6 +32,7 @@ import stripe
 from schemas.currency import minor_unit_exponent
 from schemas.events import CreditGrantEvent, canonical_json
 from workers import db, stripe_gateway
+from workers.db import Pool, Row, fetch_one
 from workers.ledger.rules import ALERT_NAMESPACE, Alert, AlertKind, Grant
 from workers.ledger.store import load_ledger, record_alerts, write_ledger
 from workers.lifecycle import PeriodicWorker
@@ -69,7 +70,7 @@ class Outcome:
 class ReloadProcessor:
     """Processes one claimed reload request; shared by the worker and `credits topup`."""
 
-    def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, pool: Pool, metrics: Metrics) -> None:
         self.settings = settings
         self.pool = pool
         self.metrics = metrics
@@ -84,7 +85,7 @@ class ReloadProcessor:
             )
 
     async def process(  # noqa: PLR0911 -- one return per way a Stripe charge can end
-        self, request: Any, *, stopping: asyncio.Event | None = None
+        self, request: Row, *, stopping: asyncio.Event | None = None
     ) -> Outcome:
         reload_id = str(request["reload_id"])
         bound = log.bind(reload_id=reload_id, customer_ref=request["customer_ref"])
@@ -130,7 +131,7 @@ class ReloadProcessor:
         bound.info("reload_succeeded", payment_intent=intent["id"], tokens=request["tokens"])
         return Outcome(reload_id, "succeeded", payment_intent_id=intent["id"])
 
-    async def _charge(self, request: Any, sent: list[bool]) -> Any:
+    async def _charge(self, request: Row, sent: list[bool]) -> Any:
         reload_id = str(request["reload_id"])
         customer = request["stripe_customer_id"]
         if sent[0]:
@@ -150,7 +151,7 @@ class ReloadProcessor:
             customer_ref=request["customer_ref"],
         )
 
-    async def _succeeded(self, request: Any, intent_id: str) -> None:
+    async def _succeeded(self, request: Row, intent_id: str) -> None:
         customer_ref = request["customer_ref"]
         source = "auto_reload" if request["kind"] == "auto" else "manual"
         basis = cost_basis(request["price"], request["currency"], request["tokens"])
@@ -214,7 +215,7 @@ class ReloadProcessor:
             self.metrics.alerts.labels(type=alert.type).inc()
 
     async def _failed(
-        self, request: Any, intent_id: str | None, code: str, message: str | None
+        self, request: Row, intent_id: str | None, code: str, message: str | None
     ) -> Outcome:
         reload_id = str(request["reload_id"])
         alerts: list[Alert] = []
@@ -223,7 +224,8 @@ class ReloadProcessor:
                 db.QUERIES["reload_failed"], request["reload_id"], intent_id, code, message
             )
             if request["kind"] == "auto":
-                row = await conn.fetchrow(
+                row = await fetch_one(
+                    conn,
                     db.QUERIES["reload_count_failure"],
                     request["customer_ref"],
                     MAX_CONSECUTIVE_FAILURES,
@@ -263,7 +265,7 @@ class ReloadProcessor:
 
     def _alert(
         self,
-        request: Any,
+        request: Row,
         kind: AlertKind,
         before: int,
         after: int,
@@ -297,7 +299,7 @@ class ReloadWorker(PeriodicWorker):
 
     name = "reloads"
 
-    def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, pool: Pool, metrics: Metrics) -> None:
         super().__init__(settings, metrics)
         self.processor = ReloadProcessor(settings, pool, metrics)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers import db
+from workers.db import Connection, Pool
 from workers.lifecycle import PeriodicWorker
 from workers.logs import get_logger
 from workers.metrics import Metrics
@@ -90,7 +91,7 @@ class Report:
         }
 
 
-async def verify(conn: Any, *, limit: int = SHOWN_ROWS) -> Report:
+async def verify(conn: Connection, *, limit: int = SHOWN_ROWS) -> Report:
     """Run every check in one repeatable-read snapshot, so checks agree with each other."""
     report = Report()
     started = time.monotonic()
@@ -117,7 +118,7 @@ class VerifyWorker(PeriodicWorker):
 
     name = "verify"
 
-    def __init__(self, settings: Settings, pool: Any, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, pool: Pool, metrics: Metrics) -> None:
         super().__init__(settings, metrics)
         self.pool = pool
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 import orjson
 
 from schemas.events import CreditGrantEvent
 from schemas.outputs import AlertCause, AlertEvent
-from workers.db import QUERIES
+from workers.db import QUERIES, Connection
 from workers.ledger.rules import Alert, Customer, Entry, Grant, Ledger
 
 LEDGER_COLUMNS = Entry._fields  # the entries are the COPY's rows, as they are
@@ -48,7 +47,7 @@ def new_grant(grant_id: int, event: CreditGrantEvent, occurred_at: datetime) -> 
 
 
 async def load_ledger(
-    conn: Any,
+    conn: Connection,
     customer_refs: Sequence[str],
     void_targets: Sequence[tuple[str, str]] = (),
     *,
@@ -99,7 +98,7 @@ async def load_ledger(
     return Ledger(customers, now)
 
 
-async def write_ledger(conn: Any, ledger: Ledger, *, alerts_topic: str) -> None:
+async def write_ledger(conn: Connection, ledger: Ledger, *, alerts_topic: str) -> None:
     """Persist what ``ledger`` produced: entries, grants, customers, alerts + outbox."""
     changes = ledger.changes
     if changes.entries:
@@ -137,7 +136,9 @@ def _all_grants(customer: Customer) -> list[Grant]:
     return customer.grants + customer.finished
 
 
-async def record_alerts(conn: Any, alerts: list[Alert], at: datetime, *, alerts_topic: str) -> None:
+async def record_alerts(
+    conn: Connection, alerts: list[Alert], at: datetime, *, alerts_topic: str
+) -> None:
     messages = [
         AlertEvent(
             type=a.type,

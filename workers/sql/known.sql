@@ -1,7 +1,7 @@
 -- name: known_records
 -- The position of every input record ($1: a JSON array of {i: position, t: type, a and b:
 -- the dedup key, d: the raw digest in hex}) that Postgres holds under its dedup key with
--- the same raw digest (workers/known.py): one index probe each, in the table of its type.
+-- the same raw digest (workers/ingest/known.py): one index probe each, in the table of its type.
 SELECT k.i
 FROM json_to_recordset($1::json) AS k(i integer, t text, a text, b text, d text)
 WHERE CASE k.t

@@ -4,8 +4,7 @@
 -- indexes that find open grants named `remaining` in their predicates. Postgres counts a
 -- column in an index predicate as indexed, so no update of a grant's tokens left could be
 -- HOT (heap-only): each left a dead version and a new entry in every index of grants, the
--- indexes bloated, and over a drain of 1,000,000 events the grant updates went from 2.1 to
--- 6.3 us per event as the drain went on (pg_stat_statements, the bench machine).
+-- indexes bloated, and the grant updates grew slower the longer a drain ran.
 --
 -- Now such a grant is 'used' (written so by the ledger when its last token goes), 'active'
 -- means tokens left (a CHECK holds it), and the predicates name only `status`, which an

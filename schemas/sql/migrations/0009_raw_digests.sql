@@ -5,7 +5,7 @@
 -- fingerprint): over half of its cost per event, spent to learn "duplicate" again. With the
 -- digest (blake2b, 16 bytes) of the record value stored beside each dedup row, a lane that
 -- sees mostly duplicates looks its records up by dedup key and digest first, and parses only
--- those Postgres does not hold byte for byte (workers/known.py).
+-- those Postgres does not hold byte for byte (workers/ingest/known.py).
 --
 -- Rows written before this migration have none: their re-reads take the full path, judged by
 -- fingerprint as before. The digest decides nothing the fingerprint does not: equal bytes

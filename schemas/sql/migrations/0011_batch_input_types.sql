@@ -2,14 +2,12 @@
 --
 -- The record_* statements took a batch as one array per column (ten to fifteen arrays).
 -- asyncpg encodes an array element by element and asks, for each one, whether it is itself
--- a sub-array (three isinstance checks against collections.abc): about 0.4 us per field per
+-- a sub-array (three isinstance checks against collections.abc) for every field of every
 -- event, more than a third of the worker's time in the usage statement. An array of rows of
--- these types is checked once per row, and Postgres unnests one array instead of ten
--- (measured on the usage statement, 1,400 events a batch: the worker 8.5 -> 5.4 us per event;
--- with its report as one row of arrays, 4.6).
+-- these types is checked once per row, and Postgres unnests one array instead of ten.
 --
 -- The fields are the columns of the statement's input, in the order the handlers build each
--- row (workers/usage.py, workers/charges.py). Changing one means a new type under a new name
+-- row (workers/ingest/usage.py, workers/ingest/charges.py). Changing one means a new type under a new name
 -- and the statements moved to it, so that workers of the previous release keep working
 -- during a rolling upgrade.
 CREATE TYPE usage_input AS (

@@ -2,21 +2,15 @@
 --
 -- Autovacuum analyzes a growing table every time a tenth of it is new. Each ANALYZE samples
 -- 30,000 rows and, for every column, sorts the sample's values to build the planner's
--- statistics. In a drain of 1,000,000 events into empty tables (`chargeline bench
--- --profile`), autovacuum spent 15 s analyzing and 2 s vacuuming, most of it on charges,
--- usage_events and ledger_entries: about 17 us per event, against the 51 us of CPU that
--- Postgres spent per event in all.
+-- statistics. While a large backlog drains into growing tables, those analyzes are a third
+-- of Postgres's CPU, most of it on charges, usage_events and ledger_entries, and most of
+-- that on columns no plan ever uses.
 --
 -- The payloads, the metadata, the fingerprints and digests, and the source positions are
 -- stored to be returned, never to be searched: every query finds rows by the dedup keys,
 -- customers, flows and times. The one predicate on raw_digest (workers/sql/known.sql) checks
 -- the single row a unique key has found, where no estimate matters. A statistics target of 0
 -- leaves these columns out of ANALYZE; every other column keeps its statistics.
---
--- ANALYZE of a 300,000-event drain's tables, three times each, best time: charges 371 ->
--- 170 ms, usage_events 209 -> 138, grants 33 -> 11, ledger_entries 206 -> 132. In drains of
--- 1,000,000 (the bench with --profile), autovacuum's analyzes took 15.1 s, then 9.6 s with
--- the tables before ledger_entries, and Postgres's CPU per event went from 51 to 46 us.
 DO $$
 DECLARE
     stored_only record;
