@@ -16,14 +16,13 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 from pydantic import SecretStr
 
+from tests.support import Stack, Topics, url_with_database
 from workers.devtools.devstack import STRIPE_TEST_KEY, LocalStack, LocalStripe
 from workers.settings import Settings
 
@@ -38,17 +37,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             top = item.path.relative_to(_TESTS_DIR).parts[0]
             if top in _MARKED_DIRS:
                 item.add_marker(_MARKED_DIRS[top])
-
-
-@dataclass
-class Stack:
-    """The servers one test session talks to."""
-
-    database_url: str  # server level, superuser: may create and drop databases
-    bootstrap_servers: str
-    stripe_api_base: str
-    kafka_idempotent_producer: bool  # off for Tansu, which lacks InitProducerId
-    local: LocalStack | None = None  # set when embedded: fault tests stop/pause its servers
 
 
 def _docker_answers() -> bool:
@@ -124,12 +112,6 @@ def stack() -> Iterator[Stack]:
         yield found
 
 
-def url_with_database(url: str, database: str) -> str:
-    """``url`` with its database (the path) replaced, keeping credentials and options."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{database}"))
-
-
 async def _admin(stack: Stack, statement: str) -> None:
     """Run one statement on the server-level database.
 
@@ -170,37 +152,6 @@ async def database_url(stack: Stack, template_database: str) -> AsyncIterator[st
     await _admin(stack, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@dataclass(frozen=True)
-class Topics:
-    """Topic names unique to one test (a prefix), so tests never see each other's records."""
-
-    prefix: str
-
-    @property
-    def charges(self) -> str:
-        return f"{self.prefix}billing.charges"
-
-    @property
-    def usage(self) -> str:
-        return f"{self.prefix}billing.usage"
-
-    @property
-    def alerts(self) -> str:
-        return f"{self.prefix}billing.alerts"
-
-    @property
-    def payouts(self) -> str:
-        return f"{self.prefix}billing.payouts"
-
-    @property
-    def dlq(self) -> str:
-        return f"{self.prefix}billing.dlq"
-
-    @property
-    def all(self) -> tuple[str, ...]:
-        return (self.charges, self.usage, self.alerts, self.payouts, self.dlq)
-
-
 @pytest.fixture
 def topics() -> Topics:
     """Fresh topic names for this test, e.g. ``t1a2b3c4d.billing.charges``."""
@@ -227,8 +178,3 @@ def settings(stack: Stack, database_url: str, topics: Topics) -> Settings:
         batch_max_wait_ms=50,
         kafka_session_timeout_ms=6000,
     )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``settings`` as CHARGELINE_* variables (secrets in clear) for a worker subprocess."""
-    return settings.as_env()

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -17,10 +22,68 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from workers import db
 from workers.app import WorkerProcess
+from workers.devtools.devstack import LocalStack
 from workers.kafka import ensure_topics, make_producer, security_options
 from workers.settings import Settings
 
 Event = dict[str, Any]
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+@dataclass
+class Stack:
+    """The servers one test session talks to."""
+
+    database_url: str  # server level, superuser: may create and drop databases
+    bootstrap_servers: str
+    stripe_api_base: str
+    kafka_idempotent_producer: bool  # off for Tansu, which lacks InitProducerId
+    local: LocalStack | None = None  # set when embedded: fault tests stop/pause its servers
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names unique to one test (a prefix), so tests never see each other's records."""
+
+    prefix: str
+
+    @property
+    def charges(self) -> str:
+        return f"{self.prefix}billing.charges"
+
+    @property
+    def usage(self) -> str:
+        return f"{self.prefix}billing.usage"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.prefix}billing.alerts"
+
+    @property
+    def payouts(self) -> str:
+        return f"{self.prefix}billing.payouts"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}billing.dlq"
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (self.charges, self.usage, self.alerts, self.payouts, self.dlq)
+
+
+def url_with_database(url: str, database: str) -> str:
+    """``url`` with its database (the path) replaced, keeping credentials and options."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def healthcheck_command() -> list[str]:
+    text = (DEPLOY / "Dockerfile").read_text()
+    match = re.search(r"^\s+CMD (\[.*\])$", text.split("HEALTHCHECK", 1)[1], re.M)
+    assert match is not None
+    command: list[str] = json.loads(match.group(1))
+    return command
 
 
 def charge(flow: str, customer: str, reference: str, amount: int = 100, **extra: Any) -> Event:
@@ -269,10 +332,13 @@ async def payout_violations(settings: Settings) -> list[dict[str, Any]]:
         await conn.close()
 
 
-def chargeline(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """The `chargeline` command line as a subprocess, configured by ``settings``."""
-    from tests.conftest import settings_env
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as CHARGELINE_* variables (secrets in clear) for a worker subprocess."""
+    return settings.as_env()
 
+
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `chargeline` command line as a subprocess, configured by ``settings``."""
     return subprocess.run(
         [sys.executable, "-m", "workers.cli.main", *args],
         env={**os.environ, **settings_env(settings)},
@@ -281,6 +347,23 @@ def chargeline(settings: Settings, *args: str) -> subprocess.CompletedProcess[st
         timeout=60,
         check=False,
     )
+
+
+def ok_json(settings: Settings, *args: str) -> Any:
+    """The JSON a successful command printed with ``--format json``."""
+    done = cli(settings, *args, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    return orjson.loads(done.stdout)
+
+
+def assert_one_line_error(
+    done: subprocess.CompletedProcess[str], *, code: int, mentions: str
+) -> None:
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert mentions in lines[0]
 
 
 # --- replay ---

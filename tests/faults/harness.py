@@ -21,9 +21,8 @@ import orjson
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from tests.conftest import settings_env
 from tests.faults.expected import Sent
-from tests.support import spawn_worker
+from tests.support import settings_env, spawn_worker
 from workers.devtools.devstack import free_port
 from workers.kafka import security_options
 from workers.settings import Settings

@@ -14,8 +14,7 @@ from typing import Any
 
 import orjson
 
-from tests.conftest import settings_env
-from tests.support import assert_invariants, fetchval, log_end_offsets, setup_pipeline
+from tests.support import assert_invariants, fetchval, log_end_offsets, settings_env, setup_pipeline
 from workers.settings import Settings
 
 EVENTS = 1_000_000

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Stack
 from tests.faults.expected import check, expected, mixed_load, row_counts, wait_applied
 from tests.faults.harness import Producer, fault_settings, wait_until, workers
-from tests.support import outbox_empty, setup_pipeline
+from tests.support import Stack, outbox_empty, setup_pipeline
 from workers.settings import Settings
 
 PAUSE_S = 20

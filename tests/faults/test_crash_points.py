@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import settings_env
 from tests.support import (
     assert_invariants,
     charge,
@@ -26,6 +25,7 @@ from tests.support import (
     grant,
     produce,
     record,
+    settings_env,
     setup_pipeline,
     spawn_worker,
     usage,

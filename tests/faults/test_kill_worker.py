@@ -9,13 +9,13 @@ import random
 import signal
 from pathlib import Path
 
-from tests.conftest import settings_env
 from tests.support import (
     assert_invariants,
     charge,
     fetchval,
     produce,
     record,
+    settings_env,
     setup_pipeline,
     spawn_worker,
     wait_for,

@@ -14,7 +14,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import settings_env
 from tests.support import (
     assert_invariants,
     fetch,
@@ -22,6 +21,7 @@ from tests.support import (
     grant,
     produce,
     record,
+    settings_env,
     setup_pipeline,
     spawn_worker,
     usage,

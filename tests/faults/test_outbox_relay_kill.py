@@ -13,7 +13,6 @@ from pathlib import Path
 
 import orjson
 
-from tests.conftest import Stack
 from tests.faults.expected import Load, check, expected, wait_applied
 from tests.faults.harness import (
     Producer,
@@ -23,7 +22,7 @@ from tests.faults.harness import (
     wait_until,
     workers,
 )
-from tests.support import fetch, fetchval, outbox_empty, setup_pipeline
+from tests.support import Stack, fetch, fetchval, outbox_empty, setup_pipeline
 from workers.settings import Settings
 
 CUSTOMERS = 600

@@ -15,10 +15,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.conftest import Stack
 from tests.faults.expected import check, expected, mixed_load, wait_applied
 from tests.faults.harness import Producer, fault_settings, publish_paced, wait_until, workers
-from tests.support import outbox_empty, setup_pipeline
+from tests.support import Stack, outbox_empty, setup_pipeline
 from workers.settings import Settings
 
 MIB = 1 << 20

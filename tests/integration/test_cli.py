@@ -9,49 +9,24 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import orjson
 
-from tests.conftest import settings_env
 from tests.support import (
+    assert_one_line_error,
     charge,
+    cli,
     consume_all,
     ingest_done,
+    ok_json,
     produce,
     record,
     running_worker,
+    settings_env,
     setup_pipeline,
     wait_for,
 )
 from workers.settings import Settings
-
-
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "workers.cli.main", *args],
-        env={**os.environ, **settings_env(settings)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def ok_json(settings: Settings, *args: str) -> Any:
-    done = cli(settings, *args, "--format", "json")
-    assert done.returncode == 0, done.stderr
-    return orjson.loads(done.stdout)
-
-
-def assert_one_line_error(
-    done: subprocess.CompletedProcess[str], *, code: int, mentions: str
-) -> None:
-    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert "Traceback" not in done.stderr
-    assert mentions in lines[0]
 
 
 async def test_flows_lifecycle(settings: Settings) -> None:

@@ -11,7 +11,7 @@ import pytest
 import stripe
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from tests.conftest import Stack, Topics, settings_env
+from tests.support import Stack, Topics, settings_env
 from workers.devtools.devstack import STRIPE_TEST_KEY, LocalPostgres
 from workers.settings import Settings
 

@@ -12,17 +12,18 @@ from typing import Any
 
 import orjson
 
-from tests.conftest import settings_env
-from tests.integration.test_cli import assert_one_line_error, cli
 from tests.support import (
     assert_invariants,
+    assert_one_line_error,
     charge,
+    cli,
     consume_all,
     fetchval,
     outbox_empty,
     produce,
     record,
     running_worker,
+    settings_env,
     setup_pipeline,
     wait_for,
 )

@@ -8,12 +8,14 @@ import io
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tests.integration.test_cli import assert_one_line_error, cli, ok_json
 from tests.support import (
+    assert_one_line_error,
+    cli,
     fetch,
     fetchval,
     grant,
     ingest_done,
+    ok_json,
     produce,
     record,
     rfc3339,

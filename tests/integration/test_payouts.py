@@ -24,10 +24,9 @@ import stripe
 from stripe.params import PayoutListParams
 
 from schemas.outputs import PayoutEvent
-from tests.conftest import settings_env
 from tests.support import (
     charge,
-    chargeline,
+    cli,
     consume_all,
     create_flows,
     fetch,
@@ -39,6 +38,7 @@ from tests.support import (
     produce,
     record,
     running_worker,
+    settings_env,
     setup_pipeline,
     wait_for,
 )
@@ -67,7 +67,7 @@ PAYOUT_FIELDS = {
 
 
 def ok_json(settings: Settings, *args: str) -> Any:
-    done = chargeline(settings, *args, "--format", "json")
+    done = cli(settings, *args, "--format", "json")
     assert done.returncode == 0, done.stderr
     return orjson.loads(done.stdout)
 
@@ -234,7 +234,7 @@ async def test_a_load_is_paid_out_once_per_payee_currency_and_period(settings: S
     assert sum(c["amount"] for c in shown["charges"]) == north_eur["amount"]
     assert {f["flow_id"] for f in shown["by_flow"]} == {"flow_img", "flow_rep"}
     assert sum(f["amount"] for f in shown["by_flow"]) == north_eur["amount"]
-    exported = chargeline(settings, "payouts", "show", north_eur["payout_id"], "--format", "csv")
+    exported = cli(settings, "payouts", "show", north_eur["payout_id"], "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(exported.stdout)))
     assert len(rows) == north_eur["charge_count"]
     assert sum(int(r["amount"]) for r in rows) == north_eur["amount"]
@@ -721,28 +721,28 @@ async def test_payout_commands_refuse_bad_requests_in_one_line(settings: Setting
     assert ok_json(settings, "payouts", "run", "--until", first["period_end"]) == []
     future = (now + timedelta(hours=1)).isoformat()
     assert_one_line_error(
-        chargeline(settings, "payouts", "run", "--until", future), code=2, mentions="in the future"
+        cli(settings, "payouts", "run", "--until", future), code=2, mentions="in the future"
     )
     assert_one_line_error(
-        chargeline(settings, "payouts", "run", "--until", "2000-01-01"),
+        cli(settings, "payouts", "run", "--until", "2000-01-01"),
         code=1,
         mentions="closed up to",
     )
     assert_one_line_error(
-        chargeline(settings, "payouts", "show", "po_nope"), code=1, mentions="no payout 'po_nope'"
+        cli(settings, "payouts", "show", "po_nope"), code=1, mentions="no payout 'po_nope'"
     )
     assert_one_line_error(
-        chargeline(settings, "payees", "configure", "north", "--stripe-payouts", "on"),
+        cli(settings, "payees", "configure", "north", "--stripe-payouts", "on"),
         code=2,
         mentions="no Stripe account",
     )
     assert_one_line_error(
-        chargeline(settings, "flows", "update", "nope", "--name", "x"),
+        cli(settings, "flows", "update", "nope", "--name", "x"),
         code=1,
         mentions="no flow 'nope'",
     )
     assert_one_line_error(
-        chargeline(settings, "flows", "update", "flow_a"), code=2, mentions="nothing to change"
+        cli(settings, "flows", "update", "flow_a"), code=2, mentions="nothing to change"
     )
     assert ok_json(settings, "payees", "list") == [
         {"payee_ref": "north", "stripe_account": None, "stripe_payouts": False, "flows": 1}

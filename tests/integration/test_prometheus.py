@@ -26,7 +26,9 @@ import aiohttp
 import pytest
 
 from tests.support import (
+    DEPLOY,
     charge,
+    healthcheck_command,
     ingest_done,
     produce,
     record,
@@ -34,7 +36,6 @@ from tests.support import (
     setup_pipeline,
     wait_for,
 )
-from tests.unit.test_deploy_files import DASHBOARD, RULES, healthcheck_command
 from workers.devtools.devstack import free_port
 from workers.settings import Settings
 
@@ -58,7 +59,7 @@ def prometheus_server(tmp_path: Path, metrics_port: int) -> Iterator[str]:
         json.dumps(  # JSON is YAML
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(RULES)],
+                "rule_files": [str(DEPLOY / "prometheus" / "rules.yml")],
                 "scrape_configs": [
                     {
                         "job_name": "chargeline",
@@ -164,7 +165,7 @@ async def test_prometheus_scrapes_a_live_worker_and_answers_queries(
             await wait_for(no_alerts, timeout=30, what="no alert pending or firing")
 
             # Every query of the Grafana dashboard is valid PromQL for this server.
-            board = json.loads(DASHBOARD.read_text())
+            board = json.loads((DEPLOY / "grafana" / "dashboards" / "chargeline.json").read_text())
             for panel in board["panels"]:
                 for target in panel.get("targets", []):
                     expression = (

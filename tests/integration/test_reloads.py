@@ -18,11 +18,11 @@ import orjson
 import pytest
 import stripe
 
-from tests.conftest import Stack
-from tests.integration.test_cli import cli
 from tests.support import (
+    Stack,
     alerts_on_topic,
     assert_invariants,
+    cli,
     fetch,
     fetchval,
     grant,

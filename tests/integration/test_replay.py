@@ -14,10 +14,11 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.integration.test_cli import assert_one_line_error, cli
 from tests.support import (
     assert_invariants,
+    assert_one_line_error,
     charge,
+    cli,
     database_state,
     fetchval,
     grant,

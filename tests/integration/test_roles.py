@@ -21,8 +21,8 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
-from tests.conftest import Stack, url_with_database
 from tests.support import (
+    Stack,
     charge,
     fetch,
     fetchval,
@@ -33,6 +33,7 @@ from tests.support import (
     record,
     running_worker,
     setup_pipeline,
+    url_with_database,
     usage,
     wait_for,
 )

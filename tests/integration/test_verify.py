@@ -7,9 +7,9 @@ from typing import Any
 
 import asyncpg
 
-from tests.integration.test_cli import cli
 from tests.support import (
     charge,
+    cli,
     grant,
     ingest_done,
     outbox_empty,

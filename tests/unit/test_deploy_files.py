@@ -20,6 +20,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from tests.support import healthcheck_command
 from workers.kinds import WORKER_KINDS
 from workers.metrics import Metrics
 from workers.settings import Settings
@@ -433,11 +434,3 @@ def test_healthcheck_command_is_plain_python() -> None:
     command = healthcheck_command()
     assert command[:2] == ["python", "-c"]
     compile(command[2], "<healthcheck>", "exec")
-
-
-def healthcheck_command() -> list[str]:
-    text = (DEPLOY / "Dockerfile").read_text()
-    match = re.search(r"^\s+CMD (\[.*\])$", text.split("HEALTHCHECK", 1)[1], re.M)
-    assert match is not None
-    command: list[str] = json.loads(match.group(1))
-    return command
