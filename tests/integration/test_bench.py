@@ -15,7 +15,7 @@ import orjson
 import psutil
 import pytest
 
-from tests.conftest import Stack
+from tests.support import Stack
 from workers.devtools.bench.measure import server_cpu_seconds
 
 KEYS = (
