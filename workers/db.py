@@ -142,6 +142,21 @@ def is_retried(exc: BaseException) -> bool:
     return is_transient(exc) or is_environment_fault(exc)
 
 
+SERVER_SETTINGS = {
+    "application_name": "chargeline",
+    # The batch statements take arrays of thousands of rows: after five runs Postgres would
+    # switch them to a generic plan that guesses the arrays' sizes, far slower for large
+    # batches. Plan each execution. Every connection chargeline opens gets it from here.
+    "plan_cache_mode": "force_custom_plan",
+}
+
+
+async def connect(dsn: str) -> Connection:
+    """One connection of its own (a command, a dry run), set up as the pool's are."""
+    conn: Connection = await asyncpg.connect(dsn, timeout=10, server_settings=SERVER_SETTINGS)
+    return conn
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> Pool:
     """A pool whose connections fail fast, so an outage shows as an error, not a hang."""
     pool = await asyncpg.create_pool(
@@ -151,13 +166,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> Pool
         timeout=10,
         command_timeout=120,
         max_inactive_connection_lifetime=60,
-        server_settings={
-            "application_name": "chargeline",
-            # The batch statements take arrays of thousands of rows: after five runs Postgres
-            # would switch them to a generic plan that guesses the arrays' sizes, far slower
-            # for large batches. Plan each execution. Set here, once, for every connection.
-            "plan_cache_mode": "force_custom_plan",
-        },
+        server_settings=SERVER_SETTINGS,
     )
     assert pool is not None
     typed: Pool = pool

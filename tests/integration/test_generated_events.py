@@ -1,7 +1,7 @@
 """Generated input through the real parse-and-apply path, on a real Postgres.
 
-Events generated from the published JSON Schema files (hypothesis-jsonschema, as in
-``tests/unit/test_schema_parity.py``), most of them keyed by their customer_ref, made to
+Events generated from the published JSON Schema files (hypothesis-jsonschema, from
+``tests/strategies.py``), most of them keyed by their customer_ref, made to
 meet each other (a few customers, references and grant references per example, and the
 flows of the database, one active and one paused, as flow_id), and mutated out of the schema
 (fields set to odd values, removed or added), or not events at all (broken JSON, bytes that
@@ -41,8 +41,8 @@ from hypothesis import strategies as st
 
 from schemas.common import DEAD_LETTER_REASONS
 from schemas.events import EventRejected, parse_event
+from tests.strategies import GENERATED, ODD_FOR_FIELD, dumps, json_values, odd_values
 from tests.support import assert_invariants
-from tests.unit.test_schema_parity import GENERATED, ODD_FOR_FIELD, dumps, json_values, odd_values
 from workers import db
 from workers.app import build_handlers
 from workers.ingest.parse import BareRecord

@@ -64,13 +64,12 @@ def add_credits(nouns: argparse._SubParsersAction[Parser]) -> None:
 
 
 async def configure_customer(settings: Settings, args: argparse.Namespace) -> int:
-    import asyncpg
 
-    conn = await asyncpg.connect(settings.dsn, timeout=10)
+    conn = await db.connect(settings.dsn)
     try:
         async with conn.transaction():
-            row = await conn.fetchrow(
-                db.QUERIES["customer_configure"], args.customer, args.stripe_customer,
+            row = await db.fetch_one(
+                conn, db.QUERIES["customer_configure"], args.customer, args.stripe_customer,
                 args.auto_reload, args.reload_threshold, args.reload_tokens, args.reload_price,
                 args.currency, args.low_balance_threshold,
             )  # fmt: skip

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
-
 from workers import db
 from workers.settings import Settings
 
 
-async def connect(settings: Settings) -> asyncpg.Connection:
-    conn: asyncpg.Connection = await asyncpg.connect(settings.dsn, timeout=10)
-    return conn
+async def connect(settings: Settings) -> db.Connection:
+    return await db.connect(settings.dsn)
 
 
 async def fetch_rows(settings: Settings, query: str, *params: Any) -> list[dict[str, Any]]:

@@ -65,7 +65,7 @@ async def flows_create(settings: Settings, args: argparse.Namespace) -> int:
         )
         if created is None:
             raise UsageError(f"flow {args.flow_id!r} already exists")
-        row = await conn.fetchrow(db.QUERIES["flow_list"], args.flow_id)
+        row = await db.fetch_one(conn, db.QUERIES["flow_list"], args.flow_id)
     finally:
         await conn.close()
     emit_object(_flow_row(dict(row.items())), args.format, title="flow created")
@@ -84,7 +84,7 @@ async def flows_set_status(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if await conn.fetchval(db.QUERIES["flow_set_status"], args.flow_id, status) is None:
             raise NotFoundError(f"no flow {args.flow_id!r}")
-        row = await conn.fetchrow(db.QUERIES["flow_list"], args.flow_id)
+        row = await db.fetch_one(conn, db.QUERIES["flow_list"], args.flow_id)
     finally:
         await conn.close()
     emit_object(_flow_row(dict(row.items())), args.format, title=f"flow {status}")
@@ -101,7 +101,7 @@ async def flows_update(settings: Settings, args: argparse.Namespace) -> int:
             is None
         ):
             raise NotFoundError(f"no flow {args.flow_id!r}")
-        row = await conn.fetchrow(db.QUERIES["flow_list"], args.flow_id)
+        row = await db.fetch_one(conn, db.QUERIES["flow_list"], args.flow_id)
     finally:
         await conn.close()
     emit_object(_flow_row(dict(row.items())), args.format, title="flow updated")

@@ -219,7 +219,7 @@ async def payees_configure(settings: Settings, args: argparse.Namespace) -> int:
             raise UsageError(
                 f"payee {args.payee!r} has no Stripe account: add --stripe-account acct_..."
             ) from None
-        row = await conn.fetchrow(db.QUERIES["payee_list"], args.payee)
+        row = await db.fetch_one(conn, db.QUERIES["payee_list"], args.payee)
     finally:
         await conn.close()
     emit_object(dict(row.items()), args.format, title="payee configured")

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import orjson
 
 from workers import db
@@ -78,7 +77,7 @@ async def replay_dead_letters(
         reasons = list(RETRYABLE_REASONS)
     report = DeadLetterReplayReport(dry_run=dry_run, reasons=reasons)
     topics = set(input_topics(settings).values())
-    conn: db.Connection = await asyncpg.connect(settings.dsn, timeout=10)
+    conn = await db.connect(settings.dsn)
     producer = None if dry_run else make_producer(settings, client_id="chargeline-dlq-replay")
     try:
         if ids is not None:

@@ -19,8 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
-
 from workers import db
 from workers.app import build_handlers
 from workers.errors import UsageError
@@ -43,11 +41,6 @@ log = get_logger("chargeline.replay")
 
 # Rows kept for the report's lists (counts are always complete).
 LISTED_ROWS = 1000
-# After five runs of a prepared statement Postgres may switch to a generic plan, made without
-# the parameters' values. For the batch statements (unnest of parameter arrays joined to CTEs)
-# such a plan cannot know how many rows a batch holds, and it is far slower than one made for
-# the batch at hand. This changes plans only, never the SQL or what it does.
-CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
 
 OUTCOME_FIELDS = {
     "recorded": "applied",
@@ -295,10 +288,9 @@ class _DryRun:
         self.tx: db.Transaction | None = None
 
     async def __aenter__(self) -> _DryRun:
-        self.conn = await asyncpg.connect(self.processor.settings.dsn, timeout=10)
+        self.conn = await db.connect(self.processor.settings.dsn)
         self.tx = self.conn.transaction()
         await self.tx.start()
-        await self.conn.execute(CUSTOM_PLANS)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -355,7 +347,6 @@ class _RealRun:
 
         async def attempt() -> tuple[BatchResult, Changes]:
             async with pool.acquire() as conn, conn.transaction():
-                await conn.execute(CUSTOM_PLANS)
                 result = await self.processor.apply(conn, prepared)
                 # Read once applied: a probed part is parsed then.
                 customers = sorted(_customers(prepared))
