@@ -10,6 +10,7 @@ from workers import db
 from workers.cli.args import Parser, add_actions, add_format, identifier, positive_int
 from workers.cli.output import emit_object
 from workers.errors import ChargelineError, UsageError
+from workers.jobs.reloads import ReloadProcessor
 from workers.metrics import Metrics
 from workers.settings import Settings
 
@@ -99,8 +100,6 @@ class TopupFailed(ChargelineError):
 
 async def credits_topup(settings: Settings, args: argparse.Namespace) -> int:
     """A manual top-up through the same path as auto-reload: a request, then the processor."""
-    from workers.jobs.reloads import ReloadProcessor
-
     pool = await db.create_pool(settings.dsn, min_size=1, max_size=2)
     try:
         reload_id = str(uuid.uuid4())

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from workers.settings import Settings
 
 Command = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
+# Commands whose handlers import the worker stack (which logs) only when they run.
+_IMPORTS_WHEN_RUN = ("worker", "dev", "bench")
 
 
 def build_parser(chosen: str | None = None) -> Parser:
@@ -58,11 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigurationError) as exc:
         print(f"chargeline: error: {exc}", file=sys.stderr)
         return 2
-    from workers.logs import configure_logging
-
     if args.command not in ("worker", "dev"):
         settings = settings.model_copy(update={"log_format": "console", "log_level": "error"})
-    configure_logging(settings.log_level, settings.log_format)
+    # A command whose modules log has imported structlog by now, or imports them when it
+    # runs; one that does neither (most reads) skips configuring it, and the import.
+    if args.command in _IMPORTS_WHEN_RUN or "structlog" in sys.modules:
+        from workers.logs import configure_logging
+
+        configure_logging(settings.log_level, settings.log_format)
     run: Command = args.run
     try:
         return asyncio.run(run(settings, args))
