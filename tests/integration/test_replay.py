@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -349,3 +350,45 @@ async def test_publish_with_a_rate_limit(settings: Settings, tmp_path: Path) -> 
     assert report["seconds"] >= 1.3, report
     assert elapsed >= 1.3
     assert sum((await log_end_offsets(settings, settings.topic_charges)).values()) == 1500
+
+
+async def test_a_record_the_apply_step_fails_on_neither_stops_nor_spoils_a_replay(
+    settings: Settings,
+) -> None:
+    """A replay meets what the live workers would isolate: the dry run leaves that batch out
+    and says so; the real run applies it lane by lane, the record to blame dead-lettered
+    ``unprocessable``, the others recorded, and says so too."""
+    await setup_pipeline(settings, partitions=1, flows=[("flow_a", "active")])
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        await conn.execute(
+            "ALTER TABLE charges ADD CONSTRAINT planted CHECK (reference <> 'poison-pg')"
+        )
+    finally:
+        await conn.close()
+    charges = [record(charge("flow_a", "c1", f"ok-{n}")) for n in range(6)]
+    charges.insert(3, record(charge("flow_a", "c1", "poison-pg")))
+    await produce(settings, settings.topic_charges, charges)
+
+    def run(*args: str) -> dict[str, Any]:
+        done = cli(settings, "replay", "--topic", "charges", *args, "--format", "json")
+        assert done.returncode == 0, done.stderr
+        report: dict[str, Any] = orjson.loads(done.stdout)
+        assert report["complete"] is True
+        return report
+
+    dry = run("--dry-run")
+    [warning] = dry["warnings"]
+    assert "failed on its records (CheckViolationError" in warning
+    assert "left out of the dry run" in warning
+    assert await fetchval(settings, "SELECT count(*) FROM charges") == 0
+
+    real = run()
+    assert any("applied lane by lane" in w for w in real["warnings"]), real["warnings"]
+    assert (real["read"], real["applied"], real["dead_letters"]) == (7, 6, 1)
+    assert await fetchval(settings, "SELECT count(*) FROM charges") == 6
+    assert (
+        await fetchval(settings, 'SELECT reason FROM dead_letters WHERE "offset" = 3')
+        == "unprocessable"
+    )
+    verify_ok(settings)

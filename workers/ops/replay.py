@@ -22,8 +22,14 @@ from typing import Any
 from workers import db
 from workers.app import build_handlers
 from workers.errors import UsageError
-from workers.ingest.parse import Record
-from workers.ingest.processor import BatchProcessor, BatchResult, Part
+from workers.ingest.parse import Record, describe_exception
+from workers.ingest.processor import (
+    BatchProcessor,
+    BatchResult,
+    Part,
+    is_record_fault,
+    partition_spans,
+)
 from workers.kafka import input_topics
 from workers.logs import get_logger
 from workers.metrics import Metrics
@@ -252,6 +258,17 @@ async def run_replay(
                 if progress is not None:
                     progress(sum(r.progressed() for r in report.partitions), total, report)
             report.changes = await apply.changes()
+            for failed in apply.failed:
+                report.warnings.append(
+                    f"{failed}: "
+                    + (
+                        "left out of the dry run (a real run dead-letters the records to blame "
+                        "unprocessable and applies the others)"
+                        if dry_run
+                        else "applied lane by lane, the records to blame dead-lettered "
+                        "unprocessable; its changes are not listed"
+                    )
+                )
         report.complete = not interrupted and all(r.done for r in report.partitions)
     finally:
         await consumer.stop()
@@ -270,6 +287,12 @@ async def run_replay(
     return report
 
 
+def _failed_batch(records: list[Record], exc: BaseException) -> str:
+    spans = partition_spans(records)
+    where = ", ".join(f"{t}[{p}] {lo}-{hi}" for (t, p), (lo, hi) in sorted(spans.items()))
+    return f"a batch ({where}) failed on its records ({describe_exception(exc)})"
+
+
 def _customers(parts: list[Part]) -> set[str]:
     return {parsed.event.customer_ref for part in parts for parsed in part.parsed}
 
@@ -286,6 +309,7 @@ class _DryRun:
         self.customers: set[str] = set()
         self.conn: db.Connection | None = None
         self.tx: db.Transaction | None = None
+        self.failed: list[str] = []  # batches left out, described
 
     async def __aenter__(self) -> _DryRun:
         self.conn = await db.connect(self.processor.settings.dsn)
@@ -305,7 +329,16 @@ class _DryRun:
     async def batch(self, records: list[Record]) -> BatchResult:
         assert self.conn is not None
         prepared = self.processor.prepare(records)
-        result = await self.processor.apply(self.conn, prepared)
+        try:
+            # A savepoint: a batch whose records make the apply step fail is left out,
+            # and the dry run goes on.
+            async with self.conn.transaction():
+                result = await self.processor.apply(self.conn, prepared)
+        except Exception as exc:
+            if not is_record_fault(exc):
+                raise
+            self.failed.append(_failed_batch(records, exc))
+            return BatchResult()
         self.customers |= _customers(prepared)  # once applied: a probed part is parsed then
         return result
 
@@ -331,6 +364,7 @@ class _RealRun:
         self.stopping = stopping
         self.pool: db.Pool | None = None
         self.total = Changes()
+        self.failed: list[str] = []  # batches applied lane by lane, described
 
     async def __aenter__(self) -> _RealRun:
         self.pool = await db.create_pool(self.settings.dsn, min_size=1, max_size=2)
@@ -352,14 +386,25 @@ class _RealRun:
                 customers = sorted(_customers(prepared))
                 return result, await read_changes(conn, customers)
 
-        result, changes = await retry_transient(
-            attempt,
-            is_transient=db.is_transient,
-            component="postgres",
-            settings=self.settings,
-            metrics=self.metrics,
-            stopping=self.stopping,
-        )
+        try:
+            result, changes = await retry_transient(
+                attempt,
+                is_transient=db.is_transient,
+                component="postgres",
+                settings=self.settings,
+                metrics=self.metrics,
+                stopping=self.stopping,
+            )
+        except Exception as exc:
+            if not is_record_fault(exc):
+                raise
+            # Apply it as the live workers do, lane by lane, the records to blame isolated
+            # and dead-lettered unprocessable; its changes are then not itemised.
+            self.failed.append(_failed_batch(records, exc))
+            result = BatchResult()
+            for part in prepared:
+                result.add(await self.processor.transact(pool, part, stopping=self.stopping))
+            return result
         self.total.add(changes)
         return result
 
