@@ -355,9 +355,9 @@ async def test_publish_with_a_rate_limit(settings: Settings, tmp_path: Path) -> 
 async def test_a_record_the_apply_step_fails_on_neither_stops_nor_spoils_a_replay(
     settings: Settings,
 ) -> None:
-    """A replay meets what the live workers would isolate: the dry run leaves that batch out
-    and says so; the real run applies it lane by lane, the record to blame dead-lettered
-    ``unprocessable``, the others recorded, and says so too."""
+    """A replay meets what the live workers would isolate: the dry run stops there and says
+    why in one line; the real run applies that batch lane by lane, the record to blame
+    dead-lettered ``unprocessable``, the others recorded, and says so."""
     await setup_pipeline(settings, partitions=1, flows=[("flow_a", "active")])
     conn = await asyncpg.connect(settings.dsn)
     try:
@@ -377,10 +377,9 @@ async def test_a_record_the_apply_step_fails_on_neither_stops_nor_spoils_a_repla
         assert report["complete"] is True
         return report
 
-    dry = run("--dry-run")
-    [warning] = dry["warnings"]
-    assert "failed on its records (CheckViolationError" in warning
-    assert "left out of the dry run" in warning
+    dry = cli(settings, "replay", "--topic", "charges", "--dry-run", "--format", "json")
+    assert_one_line_error(dry, code=1, mentions="dry run stopped: a batch")
+    assert "failed on its records (CheckViolationError" in dry.stderr
     assert await fetchval(settings, "SELECT count(*) FROM charges") == 0
 
     real = run()

@@ -21,7 +21,7 @@ from typing import Any
 
 from workers import db
 from workers.app import build_handlers
-from workers.errors import UsageError
+from workers.errors import ChargelineError, UsageError
 from workers.ingest.parse import Record, describe_exception
 from workers.ingest.processor import (
     BatchProcessor,
@@ -258,17 +258,11 @@ async def run_replay(
                 if progress is not None:
                     progress(sum(r.progressed() for r in report.partitions), total, report)
             report.changes = await apply.changes()
-            for failed in apply.failed:
-                report.warnings.append(
-                    f"{failed}: "
-                    + (
-                        "left out of the dry run (a real run dead-letters the records to blame "
-                        "unprocessable and applies the others)"
-                        if dry_run
-                        else "applied lane by lane, the records to blame dead-lettered "
-                        "unprocessable; its changes are not listed"
-                    )
-                )
+            report.warnings += [
+                f"{failed}: applied lane by lane, the records to blame dead-lettered "
+                "unprocessable; its changes are not listed"
+                for failed in apply.failed
+            ]
         report.complete = not interrupted and all(r.done for r in report.partitions)
     finally:
         await consumer.stop()
@@ -285,6 +279,10 @@ async def run_replay(
         )
     log.info("replay_finished", **{k: v for k, v in report.as_dict().items() if isinstance(v, int)})
     return report
+
+
+class ReplayError(ChargelineError):
+    """The replay could not go on."""
 
 
 def _failed_batch(records: list[Record], exc: BaseException) -> str:
@@ -309,7 +307,7 @@ class _DryRun:
         self.customers: set[str] = set()
         self.conn: db.Connection | None = None
         self.tx: db.Transaction | None = None
-        self.failed: list[str] = []  # batches left out, described
+        self.failed: list[str] = []  # never filled: a failing batch ends a dry run
 
     async def __aenter__(self) -> _DryRun:
         self.conn = await db.connect(self.processor.settings.dsn)
@@ -330,15 +328,16 @@ class _DryRun:
         assert self.conn is not None
         prepared = self.processor.prepare(records)
         try:
-            # A savepoint: a batch whose records make the apply step fail is left out,
-            # and the dry run goes on.
-            async with self.conn.transaction():
-                result = await self.processor.apply(self.conn, prepared)
+            result = await self.processor.apply(self.conn, prepared)
         except Exception as exc:
             if not is_record_fault(exc):
                 raise
-            self.failed.append(_failed_batch(records, exc))
-            return BatchResult()
+            # The one transaction is aborted, and a savepoint would hide this transaction's
+            # rows from the change report (it finds them by their xmin): stop here.
+            raise ReplayError(
+                f"dry run stopped: {_failed_batch(records, exc)}; a real run dead-letters "
+                "the records to blame unprocessable and applies the others"
+            ) from None
         self.customers |= _customers(prepared)  # once applied: a probed part is parsed then
         return result
 
