@@ -201,6 +201,20 @@ class Metrics:
             ["worker"],
             registry=r,
         )
+        # --- the HTTP API ---
+        self.http_requests = Counter(
+            "chargeline_http_requests",
+            "HTTP API requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_request_duration = Histogram(
+            "chargeline_http_request_duration_seconds",
+            "Time to answer an HTTP API request, by route template.",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         # --- payouts ---
         self.payouts = Counter(
             "chargeline_payouts",

@@ -75,6 +75,17 @@ class Settings(BaseSettings):
 
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="0 disables /metrics.")
     metrics_host: str = "0.0.0.0"  # noqa: S104 -- a worker's metrics must be scrapable from outside its pod.
+    api_host: str = Field(
+        default="0.0.0.0",  # noqa: S104 -- the API serves other hosts: that is its job.
+        description="Address `chargeline api` listens on.",
+    )
+    api_port: int = Field(default=8080, ge=0, le=65535, description="Port of the HTTP API.")
+    api_max_batch_bytes: int = Field(
+        default=8 << 20,
+        ge=65_536,
+        description="Largest body of POST /v1/events; a single charge's limit is "
+        "CHARGELINE_MAX_EVENT_BYTES.",
+    )
     log_level: LogLevel = "info"
     log_format: LogFormat = "json"
 

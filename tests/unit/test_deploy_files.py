@@ -71,6 +71,7 @@ ALERTS = {
     "ChargelineDeadLetterRate",
     "ChargelineUnprocessableRecord",
     "ChargelineLaneStalled",
+    "ChargelineApiErrors",
     "ChargelineOutboxStuck",
     "ChargelineInfrastructureRetries",
     "ChargelineReloadFailures",

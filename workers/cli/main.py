@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 Command = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
 # Commands whose handlers import the worker stack (which logs) only when they run.
-_IMPORTS_WHEN_RUN = ("worker", "dev", "bench")
+_IMPORTS_WHEN_RUN = ("worker", "dev", "bench", "api")
 
 
 def build_parser(chosen: str | None = None) -> Parser:
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigurationError) as exc:
         print(f"chargeline: error: {exc}", file=sys.stderr)
         return 2
-    if args.command not in ("worker", "dev"):
+    if args.command not in ("worker", "dev", "api"):
         settings = settings.model_copy(update={"log_format": "console", "log_level": "error"})
     # A command whose modules log has imported structlog by now, or imports them when it
     # runs; one that does neither (most reads) skips configuring it, and the import.

@@ -47,6 +47,8 @@ NOUNS: dict[str, Noun] = {
         "group's offsets",
     ),
     "dlq": Noun("workers.cli.dlq:add_dlq", "dead letters"),
+    "api": Noun("workers.cli.api:add_api", "the HTTP API until SIGTERM"),
+    "api-keys": Noun("workers.cli.api:add_api_keys", "keys of the HTTP API, with their scopes"),
     "verify": Noun(
         "workers.cli.verify:add_verify", "check the invariants; exit 1 on any violation"
     ),

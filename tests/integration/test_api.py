@@ -1,0 +1,269 @@
+"""The HTTP API against a real server over a real socket, with real Postgres and Kafka: a
+charge recorded through it (and its duplicate and conflict, with ``Prefer: wait``), every
+kind of bad request answered with its status and stable code and nothing published, a
+batch with invalid items, keys and scopes, the OpenAPI document valid."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import io
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import uvicorn
+from openapi_spec_validator import validate
+
+from tests.support import (
+    cli,
+    fetchval,
+    ingest_done,
+    log_end_offsets,
+    running_worker,
+    setup_pipeline,
+    wait_for,
+)
+from workers.api.app import create_app
+from workers.settings import Settings
+
+CHARGE = {"amount": 100, "currency": "EUR", "customer_ref": "user_123",
+          "reference": "image-job-987", "metadata": {"job_id": "987"}}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def api_server(settings: Settings) -> AsyncIterator[str]:
+    """``chargeline api``'s application under uvicorn, on a free loopback port."""
+    port = _free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+
+        async def ready() -> bool:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{base}/readyz") as response:
+                    return response.status == 200
+            return False
+
+        await wait_for(ready, timeout=30, what="the API ready")
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=30)
+
+
+def new_key(settings: Settings, *scopes: str) -> dict[str, Any]:
+    args = [arg for scope in scopes for arg in ("--scope", scope)]
+    done = cli(settings, "api-keys", "create", "test", *args, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    created: dict[str, Any] = orjson.loads(done.stdout)
+    assert created["key"].startswith("cl_live_") and len(created["key"]) >= 40
+    return created
+
+
+async def call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    key: str | None = None,
+    body: Any = None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any], aiohttp.typedefs.LooseHeaders]:
+    sent = dict(headers or {})
+    if key is not None:
+        sent.setdefault("Authorization", f"Bearer {key}")
+    if body is not None:
+        data = orjson.dumps(body)
+        sent.setdefault("Content-Type", "application/json")
+    payload = None if data is None else io.BytesIO(data)
+    async with session.request(method, url, data=payload, headers=sent) as response:
+        document = orjson.loads(await response.read())
+        assert response.headers.get("X-Request-Id"), "every answer carries X-Request-Id"
+        return response.status, document, response.headers
+
+
+async def test_a_charge_through_the_api_is_recorded_once(settings: Settings) -> None:
+    await setup_pipeline(settings, partitions=2, flows=[("flow_123", "active")])
+    key = new_key(settings, "ingest", "read")["key"]
+    url_of = "{}/v1/flows/flow_123/charges".format
+    async with (
+        api_server(settings) as base,
+        aiohttp.ClientSession() as session,
+        running_worker(settings, "charges") as process,
+    ):
+        status, doc, _ = await call(session, "POST", url_of(base), key=key, body=CHARGE)
+        assert status == 202, doc
+        assert doc["data"] == {"flow_id": "flow_123", "reference": "image-job-987",
+                                   "status": "accepted"}  # fmt: skip
+        assert doc["meta"]["request_id"]
+        await wait_for(functools.partial(ingest_done, process, 1), what="the charge")
+        waited = {"Prefer": "wait=5"}
+        second = {**CHARGE, "reference": "image-job-988"}
+        status, doc, _ = await call(
+            session, "POST", url_of(base), key=key, body=second, headers=waited
+        )
+        assert status == 201, doc
+        assert doc["data"]["status"] == "recorded"
+        assert doc["data"]["charge_id"] >= 1 and doc["data"]["recorded_at"]
+        status, again, _ = await call(
+            session, "POST", url_of(base), key=key, body=second, headers=waited
+        )
+        assert status == 200, again
+        assert again["data"]["charge_id"] == doc["data"]["charge_id"]
+        other = {**second, "amount": 101}
+        status, conflict, _ = await call(
+            session, "POST", url_of(base), key=key, body=other, headers=waited
+        )
+        assert status == 409, conflict
+        assert conflict["error"]["code"] == "reference_conflict"
+        status, shown, _ = await call(
+            session, "GET", f"{base}/v1/charges/{doc['data']['charge_id']}", key=key
+        )
+        assert status == 200 and shown["data"]["reference"] == "image-job-988"
+    assert await fetchval(settings, "SELECT count(*) FROM charges") == 2
+
+
+async def test_bad_requests_get_their_status_and_code_and_publish_nothing(
+    settings: Settings,
+) -> None:
+    await setup_pipeline(settings, partitions=2, flows=[("flow_a", "active"),
+                                                        ("flow_p", "paused")])  # fmt: skip
+    ingest = new_key(settings, "ingest")
+    reader = new_key(settings, "read")
+    revoked = new_key(settings, "ingest")
+    done = cli(settings, "api-keys", "revoke", str(revoked["id"]), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    before = await log_end_offsets(settings, settings.topic_charges)
+    key = ingest["key"]
+    cases: list[tuple[str, dict[str, Any], int, str]] = [
+        ("malformed JSON", {"data": b'{"amount": 1', "key": key}, 400, "malformed_json"),
+        ("a float amount", {"body": {**CHARGE, "amount": 100.0}, "key": key}, 422,
+         "invalid_event"),
+        ("an unknown field", {"body": {**CHARGE, "ammount": 1}, "key": key}, 422,
+         "invalid_event"),
+        ("a bad currency", {"body": {**CHARGE, "currency": "XXX"}, "key": key}, 422,
+         "invalid_event"),
+        ("a 2 MiB body", {"data": b'{"a": "' + b"x" * (2 << 20) + b'"}', "key": key}, 413,
+         "payload_too_large"),
+        ("no key", {"body": CHARGE}, 401, "missing_api_key"),
+        ("a wrong key", {"body": CHARGE, "key": "cl_live_" + "a" * 40}, 401,
+         "invalid_api_key"),
+        ("a revoked key", {"body": CHARGE, "key": revoked["key"]}, 401, "invalid_api_key"),
+        ("a key without the scope", {"body": CHARGE, "key": reader["key"]}, 403,
+         "insufficient_scope"),
+    ]  # fmt: skip
+    async with api_server(settings) as base, aiohttp.ClientSession() as session:
+        url = f"{base}/v1/flows/flow_a/charges"
+        for what, options, want_status, want_code in cases:
+            status, doc, _ = await call(session, "POST", url, **options)
+            assert (status, doc["error"]["code"]) == (want_status, want_code), (what, doc)
+            assert doc["meta"]["request_id"], what
+        for flow, want_status, want_code in (("nope", 404, "unknown_flow"),
+                                              ("flow_p", 409, "flow_paused")):  # fmt: skip
+            status, doc, _ = await call(
+                session, "POST", f"{base}/v1/flows/{flow}/charges", key=key, body=CHARGE
+            )
+            assert (status, doc["error"]["code"]) == (want_status, want_code), doc
+        status, doc, _ = await call(session, "GET", f"{base}/v1/nowhere", key=key)
+        assert (status, doc["error"]["code"]) == (404, "not_found")
+        status, doc, _ = await call(session, "DELETE", url, key=key)
+        assert (status, doc["error"]["code"]) == (405, "method_not_allowed")
+        # The process keeps serving after all of that.
+        status, doc, _ = await call(session, "GET", f"{base}/v1/flows", key=reader["key"])
+        assert status == 200 and {f["flow_id"] for f in doc["data"]} == {"flow_a", "flow_p"}
+    assert await log_end_offsets(settings, settings.topic_charges) == before
+    listed = cli(settings, "api-keys", "list", "--format", "json")
+    rows = {row["id"]: row for row in orjson.loads(listed.stdout)}
+    assert rows[revoked["id"]]["revoked_at"] is not None
+    assert all("key" not in row and "digest" not in row for row in rows.values())
+
+
+async def test_a_batch_with_invalid_items_publishes_the_valid_ones(settings: Settings) -> None:
+    await setup_pipeline(settings, partitions=3, flows=[("flow_a", "active")])
+    key = new_key(settings, "ingest")["key"]
+    events: list[Any] = []
+    for n in range(990):
+        kind = n % 3
+        if kind == 0:
+            events.append(
+                {
+                    "type": "charge",
+                    "flow_id": "flow_a",
+                    "customer_ref": f"c{n % 7}",
+                    "reference": f"r{n}",
+                    "amount": 5,
+                    "currency": "EUR",
+                }
+            )
+        elif kind == 1:
+            events.append(
+                {
+                    "type": "credit_grant",
+                    "customer_ref": f"c{n % 7}",
+                    "reference": f"g{n}",
+                    "tokens": 10,
+                    "cost_basis": "0",
+                    "currency": "USD",
+                    "source": "plan",
+                }
+            )
+        else:
+            events.append({"type": "usage", "customer_ref": f"c{n % 7}",
+                           "reference": f"u{n}", "tokens": 3})  # fmt: skip
+    bad = [{"type": "usage"}, {"type": "charge", "flow_id": "nope", "customer_ref": "c",
+           "reference": "x", "amount": 1, "currency": "EUR"}, 5, "text", {"type": "refund"},
+           {"type": "usage", "customer_ref": "c", "reference": "f", "tokens": 1.5},
+           {"type": "usage", "customer_ref": "c", "reference": "n", "tokens": -1},
+           {"type": "usage", "customer_ref": "c", "reference": "e", "tokens": 1, "x": 1},
+           {"type": "charge", "flow_id": "flow_a", "customer_ref": "c", "reference": "z",
+            "amount": 1, "currency": "\u0131nr"}, []]  # fmt: skip
+    positions = [17, 100, 230, 404, 500, 611, 700, 810, 900, 999]
+    for position, item in zip(positions, bad, strict=True):
+        events.insert(position, item)
+    async with (
+        api_server(settings) as base,
+        aiohttp.ClientSession() as session,
+        running_worker(settings, "charges", "usage") as process,
+    ):
+        status, doc, _ = await call(session, "POST", f"{base}/v1/events", key=key, body=events)
+        assert status == 202, doc
+        invalid = [r["index"] for r in doc["data"] if r["status"] == "invalid"]
+        assert invalid == positions
+        assert doc["meta"]["accepted"] == 990
+        await wait_for(functools.partial(ingest_done, process, 990), what="990 events")
+    assert await fetchval(settings, "SELECT count(*) FROM charges") == 330
+    assert await fetchval(settings, "SELECT count(*) FROM grants") == 330
+    assert await fetchval(settings, "SELECT count(*) FROM usage_events") == 330
+    assert await fetchval(settings, "SELECT count(*) FROM dead_letters") == 0
+
+
+async def test_the_openapi_document_is_valid_and_open(settings: Settings) -> None:
+    async with api_server(settings) as base, aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/openapi.json") as response:
+            assert response.status == 200
+            document = orjson.loads(await response.read())
+        async with session.get(f"{base}/docs") as response:
+            assert response.status == 200
+            assert "swagger" in (await response.text()).lower()
+    validate(document)
+    charge_body = document["paths"]["/v1/flows/{flow_id}/charges"]["post"]["requestBody"]
+    schema = charge_body["content"]["application/json"]["schema"]
+    assert set(schema["required"]) == {"customer_ref", "reference", "amount", "currency"}
+    assert schema["additionalProperties"] is False

@@ -1,0 +1,169 @@
+"""The HTTP API's application: its services (a Postgres pool, a Kafka producer, the flow
+cache, the verdict waiter, the key store), the request id and metrics of every request, the
+error envelope for everything that goes wrong, and the routes.
+
+``create_app`` only composes; ``workers.api.server`` runs it under uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from workers import db
+from workers.api.envelope import ApiError, error, json_response
+from workers.api.services import Services
+from workers.logs import get_logger
+from workers.metrics import Metrics
+from workers.settings import Settings
+
+log = get_logger("chargeline.api")
+_REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
+    from workers.api import ingest, reads
+
+    metrics = metrics if metrics is not None else Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services(settings, metrics)
+        app.state.services = services
+        await services.start()
+        try:
+            yield
+        finally:
+            await services.stop()
+
+    app = FastAPI(
+        title="chargeline",
+        version="0.1.0",
+        summary="Record charges and usage, read credits and usage: the HTTP API of chargeline.",
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        default_response_class=Response,
+    )
+    app.state.metrics = metrics
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.middleware("http")(_observe)
+    app.include_router(ingest.router)
+    app.include_router(reads.router)
+    _add_operational_routes(app, metrics)
+    return app
+
+
+async def _observe(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """A request id for every answer and log line; the request counted by route."""
+    sent = request.headers.get(_REQUEST_ID_HEADER, "")
+    request_id = sent if 0 < len(sent) <= 100 and sent.isascii() and sent.isprintable() else ""
+    request.state.request_id = request_id or f"req_{uuid.uuid4().hex}"
+    started = time.monotonic()
+    with structlog.contextvars.bound_contextvars(request_id=request.state.request_id):
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # what the handlers did not turn into an answer
+            response = await _unexpected(request, exc)
+        response.headers[_REQUEST_ID_HEADER] = request.state.request_id
+        route = request.scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        metrics: Metrics = request.app.state.metrics
+        metrics.http_requests.labels(
+            route=template, method=request.method, status=str(response.status_code)
+        ).inc()
+        metrics.http_request_duration.labels(route=template).observe(time.monotonic() - started)
+        if response.status_code >= 500:
+            log.warning(
+                "http_request", route=template, method=request.method, status=response.status_code
+            )
+        return response
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error(request, exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("query", "path", "body")]
+    param = ".".join(loc) or None
+    message = f"{param}: {first.get('msg', 'invalid')}" if param else "invalid request"
+    return error(request, ApiError(422, "invalid_request", message, param=param))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        return error(request, ApiError(404, "not_found", f"no route {request.url.path}"))
+    if exc.status_code == 405:
+        return error(
+            request,
+            ApiError(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed here",
+                headers=dict(exc.headers or {}),
+            ),
+        )
+    return error(request, ApiError(exc.status_code, "http_error", str(exc.detail)))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    if db.is_transient(exc) or _is_kafka_outage(exc):
+        return error(
+            request,
+            ApiError(
+                503,
+                "service_unavailable",
+                "a server chargeline depends on is unavailable; try again",
+                headers={"Retry-After": "5"},
+            ),
+        )
+    log.exception("http_request_failed", path=request.url.path)
+    return error(request, ApiError(500, "internal_error", "the request failed; it is logged"))
+
+
+def _is_kafka_outage(exc: BaseException) -> bool:
+    from aiokafka.errors import KafkaError
+
+    return isinstance(exc, KafkaError | asyncio.TimeoutError)
+
+
+def _add_operational_routes(app: FastAPI, metrics: Metrics) -> None:
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_view() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def health() -> Response:
+        return json_response({"status": "ok"}, 200)
+
+    @app.get("/readyz", include_in_schema=False)
+    async def ready(request: Request) -> Response:
+        services: Services = request.app.state.services
+        is_ready = services.ready
+        return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services

@@ -1,0 +1,252 @@
+"""What the API's routes use: a Postgres pool, a Kafka producer (acks from all in-sync
+replicas), the flow cache, the key store and the verdict waiter. Started once per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from workers import db, kafka
+from workers.api import keys
+from workers.api.envelope import ApiError
+from workers.logs import get_logger
+from workers.metrics import Metrics
+from workers.retry import Stopping, retry_transient
+from workers.settings import Settings
+
+log = get_logger("chargeline.api")
+
+FLOW_CACHE_S = 1.0  # a pause is seen within this long
+KEY_USE_FLUSH_S = 5.0  # last_used_at is written at most this often
+WAIT_POLL_S = 0.05  # how often the waiter asks Postgres, for all waiting requests at once
+UNAVAILABLE = {"Retry-After": "5"}
+
+
+def unavailable(what: str) -> ApiError:
+    return ApiError(
+        503, "service_unavailable", f"{what} is unavailable; try again", headers=UNAVAILABLE
+    )
+
+
+@dataclass
+class Key:
+    key_id: int
+    scopes: frozenset[str]
+
+
+class Services:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.pool: db.Pool | None = None
+        self.producer: Any = None
+        self.producer_ready = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.flows: dict[str, tuple[float, str | None]] = {}
+        self.key_uses: dict[int, datetime] = {}
+        self.waiter = VerdictWaiter(self)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.pool is not None and self.producer_ready.is_set()
+
+    async def start(self) -> None:
+        self.pool = await db.create_pool(self.settings.dsn, min_size=1, max_size=8)
+        self.producer = kafka.make_producer(self.settings, client_id="chargeline-api")
+        self._tasks = [
+            asyncio.create_task(self._start_producer(), name="api-producer"),
+            asyncio.create_task(self._flush_key_uses(), name="api-key-uses"),
+            asyncio.create_task(self.waiter.run(), name="api-waiter"),
+        ]
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._write_key_uses()
+        if self.producer_ready.is_set():
+            await self.producer.stop()
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def _start_producer(self) -> None:
+        with contextlib.suppress(Stopping):
+            await retry_transient(
+                self.producer.start,
+                is_transient=kafka.is_transient,
+                component="kafka",
+                settings=self.settings,
+                metrics=self.metrics,
+                stopping=self.stopping,
+            )
+            self.producer_ready.set()
+            log.info("api_producer_started")
+
+    # --- keys ---
+
+    async def authenticate(self, presented: str) -> Key | None:
+        """The key, or None for an unknown, wrong or revoked one. Its use is noted."""
+        lookup = keys.lookup_of(presented)
+        if lookup is None:
+            return None
+        row = await self.fetchrow(db.QUERIES["api_key_lookup"], lookup)
+        if row is None or row["revoked"] or not keys.matches(presented, row["digest"]):
+            return None
+        self.key_uses[row["key_id"]] = datetime.now(UTC)
+        return Key(row["key_id"], frozenset(row["scopes"]))
+
+    async def _flush_key_uses(self) -> None:
+        while True:
+            await asyncio.sleep(KEY_USE_FLUSH_S)
+            with contextlib.suppress(Exception):  # an outage: kept for the next flush
+                await self._write_key_uses()
+
+    async def _write_key_uses(self) -> None:
+        if not self.key_uses or self.pool is None:
+            return
+        uses, self.key_uses = self.key_uses, {}
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute(db.QUERIES["api_keys_used"], list(uses), list(uses.values()))
+        except Exception:
+            for key_id, at in uses.items():
+                self.key_uses.setdefault(key_id, at)
+            raise
+
+    # --- flows ---
+
+    async def flow_status(self, flow_id: str) -> str | None:
+        """``active``, ``paused`` or None (no such flow), at most FLOW_CACHE_S old."""
+        now = time.monotonic()
+        cached = self.flows.get(flow_id)
+        if cached is not None and now - cached[0] < FLOW_CACHE_S:
+            return cached[1]
+        status = await self.fetchval(db.QUERIES["api_flow_status"], flow_id)
+        if len(self.flows) > 10_000:
+            self.flows.clear()
+        self.flows[flow_id] = (now, status)
+        return None if status is None else str(status)
+
+    # --- Postgres, with outages answered 503 ---
+
+    async def fetchrow(self, query: str, *args: Any) -> db.Row | None:
+        row: db.Row | None = await self._call(lambda conn: conn.fetchrow(query, *args))
+        return row
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self._call(lambda conn: conn.fetchval(query, *args))
+
+    async def fetch(self, query: str, *args: Any) -> list[db.Row]:
+        return await self._call(lambda conn: conn.fetch(query, *args))  # type: ignore[no-any-return]
+
+    async def _call(self, operation: Any) -> Any:
+        if self.pool is None:
+            raise unavailable("Postgres")
+        try:
+            async with self.pool.acquire(timeout=5) as conn:
+                return await operation(conn)
+        except Exception as exc:
+            if db.is_transient(exc):
+                raise unavailable("Postgres") from exc
+            raise
+
+    # --- Kafka ---
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> Any:
+        """Send one record; its metadata once the broker has acknowledged it."""
+        if not self.producer_ready.is_set():
+            raise unavailable("Kafka")
+        try:
+            future = await asyncio.wait_for(
+                self.producer.send(topic, value=value, key=key), timeout=10
+            )
+            return await asyncio.wait_for(future, timeout=10)
+        except Exception as exc:
+            if kafka.is_transient(exc) or isinstance(exc, TimeoutError):
+                raise unavailable("Kafka") from exc
+            raise
+
+
+@dataclass
+class _Waiting:
+    flow_id: str
+    reference: str
+    partition: int
+    offset: int
+    done: asyncio.Future[dict[str, Any]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class VerdictWaiter:
+    """Waits for the worker's verdict on charges the API published (``Prefer: wait``).
+
+    One loop asks Postgres about every waiting charge at once, WAIT_POLL_S apart and only
+    while someone waits: the charge recorded under its key, or a dead letter at its record's
+    position. A request is answered as soon as either exists.
+    """
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.waiting: list[_Waiting] = []
+        self.wake = asyncio.Event()
+
+    async def wait(
+        self, flow_id: str, reference: str, partition: int, offset: int, seconds: float
+    ) -> dict[str, Any] | None:
+        entry = _Waiting(flow_id, reference, partition, offset)
+        self.waiting.append(entry)
+        self.wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(entry.done), seconds)
+        except TimeoutError:
+            return None
+        finally:
+            if entry in self.waiting:
+                self.waiting.remove(entry)
+
+    async def run(self) -> None:
+        while True:
+            await self.wake.wait()
+            if not self.waiting:
+                self.wake.clear()
+                continue
+            with contextlib.suppress(Exception):  # an outage: the requests time out, 202
+                await self._poll()
+            await asyncio.sleep(WAIT_POLL_S)
+
+    async def _poll(self) -> None:
+        batch = list(self.waiting)
+        rows = await self.services.fetch(
+            db.QUERIES["api_charge_verdicts"],
+            [w.flow_id for w in batch],
+            [w.reference for w in batch],
+            [w.partition for w in batch],
+            [w.offset for w in batch],
+            self.services.settings.topic_charges,
+        )
+        for row in rows:
+            entry = batch[row["ord"] - 1]
+            if entry.done.done():
+                continue
+            if row["reason"] is not None:
+                entry.done.set_result({"dead_letter": row["reason"]})
+            elif row["charge_id"] is not None:
+                entry.done.set_result(
+                    {
+                        "charge_id": row["charge_id"],
+                        "fingerprint": bytes(row["fingerprint"]),
+                        "position": (
+                            row["source_topic"],
+                            row["source_partition"],
+                            row["source_offset"],
+                        ),
+                    }
+                )
