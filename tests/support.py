@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -16,11 +18,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import orjson
+import uvicorn
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from workers import db
+from workers.api.app import create_app
 from workers.app import WorkerProcess
 from workers.devtools.devstack import LocalStack
 from workers.kafka import ensure_topics, make_producer, security_options
@@ -448,3 +453,71 @@ async def database_state(settings: Settings) -> dict[str, str]:
         return {name: await conn.fetchval(query) for name, query in STATE_QUERIES.items()}
     finally:
         await conn.close()
+
+
+# --- the HTTP API ---
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def api_server(settings: Settings) -> AsyncIterator[str]:
+    """``chargeline api``'s application under uvicorn, on a free loopback port."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+
+        async def ready() -> bool:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{base}/readyz") as response:
+                    return response.status == 200
+            return False
+
+        await wait_for(ready, timeout=30, what="the API ready")
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=30)
+
+
+def new_key(settings: Settings, *scopes: str) -> dict[str, Any]:
+    args = [arg for scope in scopes for arg in ("--scope", scope)]
+    done = cli(settings, "api-keys", "create", "test", *args, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    created: dict[str, Any] = orjson.loads(done.stdout)
+    assert created["key"].startswith("cl_live_") and len(created["key"]) >= 40
+    return created
+
+
+async def call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    key: str | None = None,
+    body: Any = None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any], aiohttp.typedefs.LooseHeaders]:
+    sent = dict(headers or {})
+    if key is not None:
+        sent.setdefault("Authorization", f"Bearer {key}")
+    if body is not None:
+        data = orjson.dumps(body)
+        sent.setdefault("Content-Type", "application/json")
+    payload = None if data is None else io.BytesIO(data)
+    async with session.request(method, url, data=payload, headers=sent) as response:
+        document = orjson.loads(await response.read())
+        assert response.headers.get("X-Request-Id"), "every answer carries X-Request-Id"
+        return response.status, document, response.headers
