@@ -283,6 +283,7 @@ def test_compose_runs_the_whole_stack_from_pinned_images() -> None:
         "migrate",
         "db-grants",
         "workers",
+        "api",
         "prometheus",
         "grafana",
     }
@@ -302,6 +303,10 @@ def test_compose_runs_the_whole_stack_from_pinned_images() -> None:
     assert "chargeline_migrator" in migrate["environment"]["CHARGELINE_DATABASE_URL"]
     assert migrate["depends_on"]["db-roles"]["condition"] == "service_completed_successfully"
     assert workers["depends_on"]["db-grants"]["condition"] == "service_completed_successfully"
+    api = services["api"]
+    assert api["command"] == ["api"]
+    assert "chargeline_runtime" in api["environment"]["CHARGELINE_DATABASE_URL"]
+    assert api["depends_on"]["db-grants"]["condition"] == "service_completed_successfully"
 
 
 def test_compose_mounts_files_that_exist() -> None:
@@ -345,7 +350,9 @@ def k8s_documents() -> list[dict[str, Any]]:
 
 def test_a_deployment_per_worker_kind_with_probes_resources_and_scraping() -> None:
     deployments = {
-        doc["metadata"]["name"]: doc for doc in k8s_documents() if doc["kind"] == "Deployment"
+        doc["metadata"]["name"]: doc
+        for doc in k8s_documents()
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] != "chargeline-api"
     }
     kinds = set()
     for name, deployment in deployments.items():
@@ -374,6 +381,25 @@ def test_a_deployment_per_worker_kind_with_probes_resources_and_scraping() -> No
         assert sources == {"chargeline-config", "chargeline-secrets"}
     # Every kind of the contract and every kind the code offers has a Deployment.
     assert kinds == SPEC_WORKER_KINDS | (set(WORKER_KINDS) - {"all"})
+
+
+def test_the_api_runs_non_root_with_probes_on_its_own_port_behind_a_service() -> None:
+    documents = k8s_documents()
+    (deployment,) = [d for d in documents if d.get("metadata", {}).get("name") == "chargeline-api"
+                     and d["kind"] == "Deployment"]  # fmt: skip
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"] == ["api"]
+    assert {port["containerPort"] for port in container["ports"]} == {Settings().api_port}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"),
+                        ("startupProbe", "/healthz")):  # fmt: skip
+        assert container[probe]["httpGet"]["path"] == path
+    assert container["resources"]["limits"]["memory"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(Settings().api_port)
+    (service,) = [d for d in documents if d["kind"] == "Service"
+                  and d.get("metadata", {}).get("name") == "chargeline-api"]  # fmt: skip
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
 
 
 def test_kustomization_lists_files_that_exist_and_names_resolve() -> None:
