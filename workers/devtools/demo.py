@@ -26,6 +26,7 @@ from rich.table import Table
 from schemas.currency import minor_unit_exponent
 from workers import db
 from workers.app import WorkerProcess
+from workers.devtools.api_demo import ApiDemo, seed_call, start_api
 from workers.kafka import ensure_topics, make_producer
 from workers.logs import configure_logging, get_logger
 from workers.settings import Settings, mask_url
@@ -51,6 +52,7 @@ class DemoLoad:
     expected_usage: Counter[str] = field(default_factory=Counter)
     expected_alerts: Counter[str] = field(default_factory=Counter)
     expected_balances: dict[str, int] = field(default_factory=dict)
+    api: ApiDemo | None = None
 
     @property
     def total(self) -> int:
@@ -270,7 +272,13 @@ async def _summary(
         table.add_row(what, f"{got:,}", "" if expected is None else f"{expected:,}")
 
     check("records published", load.total)
-    check("charges recorded", totals["recorded"], load.expected["recorded"])
+    check(
+        "charges recorded (one of them through the API)",
+        totals["recorded"],
+        load.expected["recorded"],
+    )
+    if load.api is not None:
+        check("the seed's HTTP call: status (201: recorded)", load.api.status, 201)
     check("exact duplicates (not applied again)", totals["duplicate"], load.expected["duplicate"])
     check(
         "conflicts (same reference, other payload)", totals["conflict"], load.expected["conflict"]
@@ -314,6 +322,14 @@ async def _summary(
         "`chargeline dev --keep-running` keeps the stack and workers up to look around "
         "(`chargeline flows list`, `charges list`, `balances list`, `dlq list`)."
     )
+    if load.api is not None:
+        console.print(
+            f"API: {load.api.base} (docs: {load.api.base}/docs)  key: {load.api.key}\n"
+            f"curl -X POST {load.api.base}/v1/flows/flow_api/charges "
+            f"-H 'Authorization: Bearer {load.api.key}' -H 'Content-Type: application/json' "
+            '-H \'Prefer: wait=5\' -d \'{"amount": 100, "currency": "EUR", '
+            '"customer_ref": "user_123", "reference": "image-job-987"}\''
+        )
     if mismatches:
         console.print(f"[red]Not as expected: {', '.join(mismatches)}[/red]")
     return not mismatches
@@ -347,17 +363,23 @@ async def run_dev(settings: Settings, *, keep_running: bool = False) -> int:
             f"Published {len(load.records)} demo records to {settings.topic_charges} and "
             f"{len(load.usage)} to {settings.topic_usage}."
         )
-        done = await _wait_until_processed(settings, process, load.total, 120)
+        api = await start_api(settings)
+        await seed_call(api)
+        load.expected["recorded"] += 1  # the seed's call, through the API
+        load.api = api
+        done = await _wait_until_processed(settings, process, load.total + 1, 120)
         elapsed = time.monotonic() - started
         if keep_running:
             await _summary(settings, process, load, elapsed)
             for name, value in _stack_env(settings).items():
                 console.print(f"export {name}={value}")
-            console.print("Workers keep running; Ctrl-C to stop.")
+            console.print("Workers and the API keep running; Ctrl-C to stop.")
             await task
             return 0
         process.stop()
         await task
+        api.server.should_exit = True
+        await api.task
         matches = await _summary(settings, process, load, elapsed)
         if not done:
             console.print("[red]The demo load was not fully processed within 120 s.[/red]")
