@@ -1,9 +1,153 @@
-"""Flows administration: create, pause, resume (scope admin)."""
+"""Flows administration (scope admin), as ``chargeline flows create|pause|resume``: the same
+statements (workers/sql/flows.sql), the same rules for ids (1-200 printable characters).
+
+``POST /v1/flows`` answers 201 with the flow, 409 ``flow_exists`` when there is one;
+``POST /v1/flows/{flow_id}/pause`` and ``.../resume`` answer 200 with the flow, 404
+``unknown_flow``. Pausing a paused flow (or resuming an active one) changes nothing and
+answers 200. Also here: the body and identifier checks the billing routes share.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from typing import Any, Literal, TypeVar
 
-from workers.api.auth import API_KEY_HEADER, BEARER
+import orjson
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-router = APIRouter(dependencies=[Depends(BEARER), Depends(API_KEY_HEADER)])
+from schemas.common import MAX_IDENTIFIER_LENGTH, Identifier
+from schemas.printable import is_printable
+from workers.api.auth import API_KEY_HEADER, BEARER, require
+from workers.api.envelope import ApiError, ok
+from workers.api.ingest import read_body
+from workers.api.services import Services
+from workers.db import QUERIES
+
+router = APIRouter(
+    dependencies=[Depends(BEARER), Depends(API_KEY_HEADER), Depends(require("admin"))]
+)
+MAX_BODY_BYTES = 16 * 1024
+"""Bodies of the admin and billing calls: a few fields each."""
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class FlowCreate(BaseModel):
+    """A new flow; its charges are paid out to ``payee_ref``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, title="FlowCreate")
+
+    flow_id: Identifier
+    name: Identifier = Field(description="The flow's name: 1-200 printable characters.")
+    payee_ref: Identifier = Field(
+        default="default", description="The payee paid for its charges (default `default`)."
+    )
+
+
+# --- shared with the billing routes ---------------------------------------------------------
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` describing a JSON body read by ``parse_body`` (not by FastAPI)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
+    """The body as ``model``: 413 over MAX_BODY_BYTES, 400 malformed JSON, 422 naming the
+    first field that fails the model (extra fields included)."""
+    raw = await read_body(request, MAX_BODY_BYTES)
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid_request", "the body should be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        raise ApiError(422, "invalid_request", message, param=param) from None
+
+
+def identifier(value: str, param: str) -> str:
+    """``value`` if it is 1-200 printable characters (as the CLI's ids), else 422."""
+    if not 1 <= len(value) <= MAX_IDENTIFIER_LENGTH or not is_printable(value):
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{param}: expected 1-{MAX_IDENTIFIER_LENGTH} printable characters",
+            param=param,
+        )
+    return value
+
+
+# --- flows ------------------------------------------------------------------------------------
+
+
+def _flow(row: Any) -> dict[str, Any]:
+    flow = dict(row.items())
+    if isinstance(flow.get("amounts"), str):
+        flow["amounts"] = orjson.loads(flow["amounts"])
+    return flow
+
+
+async def _flow_answer(request: Request, services: Services, flow_id: str, status: int) -> Response:
+    services.flows.pop(flow_id, None)  # this process sees the change at once
+    rows = await services.fetch(QUERIES["flow_list"], flow_id)
+    if not rows:  # gone in between: nothing deletes flows today
+        raise ApiError(404, "unknown_flow", f"no flow {flow_id!r}", param="flow_id")
+    return ok(request, _flow(rows[0]), status)
+
+
+@router.post(
+    "/v1/flows",
+    status_code=201,
+    summary="Create a flow",
+    openapi_extra=json_body(FlowCreate),
+    responses={201: {"description": "The flow"}, 409: {"description": "flow_exists"}},
+)
+async def create_flow(request: Request) -> Response:
+    services: Services = request.app.state.services
+    body = await parse_body(request, FlowCreate)
+    created = await services.fetchval(
+        QUERIES["flow_create"], body.flow_id, body.name, body.payee_ref
+    )
+    if created is None:
+        raise ApiError(409, "flow_exists", f"flow {body.flow_id!r} already exists", param="flow_id")
+    return await _flow_answer(request, services, body.flow_id, 201)
+
+
+async def _set_status(
+    request: Request, flow_id: str, status: Literal["active", "paused"]
+) -> Response:
+    services: Services = request.app.state.services
+    flow_id = identifier(flow_id, "flow_id")
+    if await services.fetchval(QUERIES["flow_set_status"], flow_id, status) is None:
+        raise ApiError(404, "unknown_flow", f"no flow {flow_id!r}", param="flow_id")
+    return await _flow_answer(request, services, flow_id, 200)
+
+
+@router.post(
+    "/v1/flows/{flow_id}/pause",
+    summary="Pause a flow: its charges are refused (flow_paused) until it is resumed",
+    responses={404: {"description": "unknown_flow"}},
+)
+async def pause_flow(
+    request: Request, flow_id: str = Path(max_length=MAX_IDENTIFIER_LENGTH)
+) -> Response:
+    return await _set_status(request, flow_id, "paused")
+
+
+@router.post(
+    "/v1/flows/{flow_id}/resume",
+    summary="Resume a paused flow",
+    responses={404: {"description": "unknown_flow"}},
+)
+async def resume_flow(
+    request: Request, flow_id: str = Path(max_length=MAX_IDENTIFIER_LENGTH)
+) -> Response:
+    return await _set_status(request, flow_id, "active")

@@ -155,6 +155,12 @@ class Services:
         except Exception as exc:
             if db.is_transient(exc):
                 raise unavailable("Postgres") from exc
+            if _is_data_exception(exc):
+                # A parameter Postgres cannot take (a NUL in text, a number out of range):
+                # the request's fault, whatever route it came by.
+                raise ApiError(
+                    422, "invalid_request", "a parameter holds a value that cannot be used"
+                ) from exc
             raise
 
     # --- Kafka ---
@@ -172,6 +178,13 @@ class Services:
             if kafka.is_transient(exc) or isinstance(exc, TimeoutError):
                 raise unavailable("Kafka") from exc
             raise
+
+
+def _is_data_exception(exc: BaseException) -> bool:
+    import asyncpg
+
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and sqlstate.startswith("22")
 
 
 @dataclass
