@@ -32,7 +32,7 @@ _REQUEST_ID_HEADER = "X-Request-Id"
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
-    from workers.api import admin, billing, ingest, reads
+    from workers.api import admin, billing, customers, ingest, reads
 
     metrics = metrics if metrics is not None else Metrics()
 
@@ -64,6 +64,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.middleware("http")(_observe)
     app.include_router(ingest.router)
     app.include_router(reads.router)
+    app.include_router(customers.router)
     app.include_router(admin.router)
     app.include_router(billing.router)
     _add_operational_routes(app, metrics)

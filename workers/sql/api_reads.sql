@@ -1,4 +1,4 @@
--- The HTTP API's reads (workers/api/reads.py). Every list is a keyset page, newest first:
+-- The HTTP API's reads (workers/api/reads.py, customers.py). Every list is a keyset page, newest first:
 -- the caller asks for one row more than it shows, to know whether there are more, and
 -- passes the last row's key back to continue after it. Parameters that are NULL filter
 -- nothing (every connection plans each execution with its values: db.SERVER_SETTINGS, so
