@@ -509,7 +509,7 @@ async def call(
     body: Any = None,
     data: bytes | None = None,
     headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, Any], aiohttp.typedefs.LooseHeaders]:
+) -> tuple[int, dict[str, Any], dict[str, str]]:
     sent = dict(headers or {})
     if key is not None:
         sent.setdefault("Authorization", f"Bearer {key}")
@@ -520,4 +520,4 @@ async def call(
     async with session.request(method, url, data=payload, headers=sent) as response:
         document = orjson.loads(await response.read())
         assert response.headers.get("X-Request-Id"), "every answer carries X-Request-Id"
-        return response.status, document, response.headers
+        return response.status, document, dict(response.headers)
