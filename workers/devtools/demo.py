@@ -27,6 +27,12 @@ from schemas.currency import minor_unit_exponent
 from workers import db
 from workers.app import WorkerProcess
 from workers.devtools.api_demo import ApiDemo, seed_call, start_api
+from workers.devtools.demo_billing import (
+    cut_now,
+    outbox_drained,
+    reloads_succeeded,
+    start_auto_reload,
+)
 from workers.kafka import ensure_topics, make_producer
 from workers.logs import configure_logging, get_logger
 from workers.settings import Settings, mask_url
@@ -53,6 +59,9 @@ class DemoLoad:
     expected_alerts: Counter[str] = field(default_factory=Counter)
     expected_balances: dict[str, int] = field(default_factory=dict)
     api: ApiDemo | None = None
+    auto_reload_customer: str = ""
+    reloads_succeeded: int = 0
+    payouts: tuple[int, int] = (0, 0)  # payouts cut, charges they pay out
 
     @property
     def total(self) -> int:
@@ -143,13 +152,25 @@ def add_ledger_demo(load: DemoLoad, run: str, now: datetime) -> None:
     events.append(({"type": "credit_grant", "customer_ref": ana, "reference": "purchase-2",
                     "tokens": 50_000, "cost_basis": "0.0001", "currency": "USD",
                     "source": "purchase"}, "recorded"))  # fmt: skip
+    # cara: auto-reload at 1,000 tokens (demo_billing.RELOAD); 2,000 granted, 1,500 used, so
+    # the reloads worker charges her card at the Stripe stand-in and grants 10,000.
+    cara = f"cara-{run}"
+    load.auto_reload_customer = cara
+    events.append(({"type": "credit_grant", "customer_ref": cara, "reference": "starter",
+                    "tokens": 2_000, "cost_basis": "0.0001", "currency": "USD",
+                    "source": "purchase"}, "recorded"))  # fmt: skip
+    events.append(({"type": "usage", "customer_ref": cara, "reference": "req-0",
+                    "tokens": 1_500, "feature": "chat"}, "recorded"))  # fmt: skip
     for event, outcome in events:
         load.usage.append((event["customer_ref"].encode(), orjson.dumps(event)))
         load.expected_usage[outcome] += 1
     load.expected["reference_conflict"] += 1
     # ana: 120,000 granted, 120,120 used -> -120 (depleted), +50,000 -> 49,880 (recovered).
-    load.expected_balances = {ana: 49_880, ben: 7_000}
-    load.expected_alerts = Counter({"credit_balance_recovered": 3, "credit_balance_depleted": 1})
+    load.expected_balances = {ana: 49_880, ben: 7_000, cara: 2_000 - 1_500 + 10_000}
+    load.expected_alerts = Counter(
+        {"credit_balance_recovered": 4, "credit_balance_depleted": 1,
+         "auto_reload_succeeded": 1}
+    )  # fmt: skip
 
 
 def topic_totals(process: WorkerProcess, topic: str) -> Counter[str]:
@@ -279,6 +300,9 @@ async def _summary(
     )
     if load.api is not None:
         check("the seed's HTTP call: status (201: recorded)", load.api.status, 201)
+    check("auto-reloads charged at the Stripe stand-in", load.reloads_succeeded, 1)
+    check("payout cut: charges paid out (all recorded)", load.payouts[1], load.expected["recorded"])
+    check("payout cut: payouts (per payee and currency)", load.payouts[0])
     check("exact duplicates (not applied again)", totals["duplicate"], load.expected["duplicate"])
     check(
         "conflicts (same reference, other payload)", totals["conflict"], load.expected["conflict"]
@@ -355,6 +379,7 @@ async def run_dev(settings: Settings, *, keep_running: bool = False) -> int:
     try:
         await _prepare(settings)
         load = build_demo_load()
+        await start_auto_reload(settings, load.auto_reload_customer)
         process = WorkerProcess(settings, ("all",))
         started = time.monotonic()
         task = asyncio.create_task(process.run(install_signal_handlers=keep_running))
@@ -368,6 +393,9 @@ async def run_dev(settings: Settings, *, keep_running: bool = False) -> int:
         load.expected["recorded"] += 1  # the seed's call, through the API
         load.api = api
         done = await _wait_until_processed(settings, process, load.total + 1, 120)
+        load.reloads_succeeded = await reloads_succeeded(settings, load.auto_reload_customer, 30)
+        load.payouts = await cut_now(settings)
+        await outbox_drained(settings, 30)  # the cut's payouts reach billing.payouts too
         elapsed = time.monotonic() - started
         if keep_running:
             await _summary(settings, process, load, elapsed)
