@@ -22,6 +22,8 @@ KEYS = (
     "events", "throughput_eps", "raw_consume_eps", "raw_copy_eps", "naive_eps",
     "latency_p50_ms", "latency_p99_ms", "alert_latency_p99_ms", "replay_eps",
     "worker_peak_rss_mib", "cpu_s_per_1k_events",
+    "direct_publish_eps", "api_single_rps", "api_batch_eps", "api_latency_p99_ms",
+    "api_wait_latency_p99_ms", "ratio_api_batch_to_direct_publish",
 )  # fmt: skip
 
 

@@ -104,13 +104,29 @@ def _usage(customer: str, reference: str, tokens: int, n: int) -> tuple[bytes, b
     return customer.encode(), orjson.dumps(event)
 
 
-def _charge(flow: str, customer: str, reference: str, rng: random.Random) -> tuple[bytes, bytes]:
-    event = {
+def charge_event(flow: str, customer: str, reference: str, rng: random.Random) -> dict[str, Any]:
+    """A charge of the load's kind, as the event object the charges topic carries."""
+    return {
         "type": "charge", "flow_id": flow, "customer_ref": customer, "reference": reference,
         "amount": rng.randint(1, 50_000), "currency": rng.choice(("EUR", "USD", "JPY")),
         "metadata": {"job": reference},
     }  # fmt: skip
-    return customer.encode(), orjson.dumps(event)
+
+
+def _charge(flow: str, customer: str, reference: str, rng: random.Random) -> tuple[bytes, bytes]:
+    return customer.encode(), orjson.dumps(charge_event(flow, customer, reference, rng))
+
+
+def charge_events(count: int, customers: int, reference: str, *, seed: int) -> list[dict[str, Any]]:
+    """``count`` charges like the load's (over its flows, by its customers), their references
+    ``reference`` followed by a number: the HTTP phase's events, built before its clocks."""
+    rng = random.Random(seed)  # noqa: S311 -- benchmark data, not secrets
+    return [
+        charge_event(
+            f"flow-{n % FLOWS:02d}", f"cust-{rng.randrange(customers):05d}", f"{reference}{n}", rng
+        )
+        for n in range(count)
+    ]
 
 
 async def publish(settings: Settings, load: Load) -> float:

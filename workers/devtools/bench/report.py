@@ -30,6 +30,28 @@ def _half_capacity_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]
     ]
 
 
+def _http_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """The HTTP path beside the direct producer, and its latency at half its capacity."""
+    rate = f"at {results['api_latency_rate_rps']:,.0f} requests/s, half capacity"
+    return [
+        ("direct publish (events/s)", results["direct_publish_eps"], "bench producer, charges"),
+        ("API, single charges (requests/s)", results["api_single_rps"], "64 in flight"),
+        ("API, batches of 500 (events/s)", results["api_batch_eps"], "POST /v1/events"),
+        (
+            "API batches / direct publish",
+            results["ratio_api_batch_to_direct_publish"],
+            "same run, same broker",
+        ),
+        ("API latency p99 (ms), 202", results["api_latency_p99_ms"], rate),
+        ("API latency p99 (ms), Prefer: wait=5", results["api_wait_latency_p99_ms"], rate),
+        *(
+            [("  API requests failed", results["api_failed_requests"], "not in the figures")]
+            if results["api_failed_requests"]
+            else []
+        ),
+    ]
+
+
 def show(results: dict[str, Any]) -> None:
     """Every figure of the run, with its target or what it is measured against."""
     table = Table(title=f"chargeline bench: {results['events']:,} events")
@@ -49,6 +71,7 @@ def show(results: dict[str, Any]) -> None:
         ("alert latency p99 (ms)", results["alert_latency_p99_ms"], "< 1,000"),
         *_half_capacity_rows(results),
         ("replay, all duplicates (events/s)", results["replay_eps"], ">= 60,000"),
+        *_http_rows(results),
         ("worker peak RSS (MiB)", results["worker_peak_rss_mib"], "< 256"),
         ("CPU s per 1,000 events", results["cpu_s_per_1k_events"], "the worker"),
         (

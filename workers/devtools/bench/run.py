@@ -17,10 +17,14 @@ machine. Before the phases, a fixed Python loop times the machine's speed; then,
 6. naive: the same worker with batches of one event, so one transaction and one offset
    commit per event (the baseline the target ratio names); and, for reference, a floor
    under it: two bare statements per event;
-7. replay: a new consumer group re-reads everything (all duplicates).
+7. replay: a new consumer group re-reads everything (all duplicates);
+8. the HTTP API: charges published straight to Kafka by the bench's producer (the
+   baseline), then through a ``chargeline api`` process, one a request and 500 a request;
+   and the latency of one charge at half the API's single-charge capacity, answered at once
+   and with ``Prefer: wait``, a charges worker applying them.
 
-The load is in ``load.py``, the phases in ``phases.py``, the worker process in
-``worker.py``, CPU and histograms in ``measure.py``, the tables in ``report.py`` and
+The load is in ``load.py``, the phases in ``phases.py`` and ``http.py``, the worker process
+in ``worker.py``, CPU and histograms in ``measure.py``, the tables in ``report.py`` and
 ``--profile`` in ``profile.py``; this module only runs them in order.
 """
 
@@ -38,6 +42,7 @@ import orjson
 from pydantic import SecretStr
 from rich.console import Console
 
+from workers.devtools.bench.http import http_api
 from workers.devtools.bench.load import PARTITIONS, build_load, customer_count, publish
 from workers.devtools.bench.measure import python_loop_seconds, server_pids
 from workers.devtools.bench.phases import (
@@ -69,9 +74,13 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
     fixed_rate_s: float = 20.0,
     naive_s: float = 10.0,
     profile_dir: Path | None = None,
+    api_s: float | None = None,
 ) -> dict[str, Any]:
     """Every phase, in order, on an embedded stack of its own unless the environment names
-    both servers; the figures are shown, written to ``json_path`` if given, and returned."""
+    both servers; the figures are shown, written to ``json_path`` if given, and returned.
+    Each step of the HTTP phase lasts ``api_s`` seconds (by default ``fixed_rate_s``, at
+    most 5)."""
+    api_s = min(5.0, fixed_rate_s) if api_s is None else api_s
     # Imported when run, so that importing the bench's modules (as the tests do) does not
     # load the embedded servers' packages.
     from workers.devtools.devstack import LocalStack
@@ -184,6 +193,19 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
             # The replay group reads the fixed-rate records too.
             load.total + results["latency_records"],
         )
+
+        console.print("the HTTP API, beside the direct producer...")
+        results.update(
+            await asyncio.wait_for(
+                http_api(settings, workdir, api_s, run=f"{run}-", customers=customer_count(events)),
+                PHASE_LIMIT_S,
+            )
+        )
+        if results["api_failed_requests"]:
+            console.print(
+                f"[red]{results['api_failed_requests']} API requests failed (see "
+                f"{workdir / 'api.log'})[/red]"
+            )
     finally:
         if stack is not None:
             await asyncio.to_thread(stack.stop)
@@ -191,6 +213,9 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
     results["ratio_throughput_to_naive"] = results["throughput_eps"] / results["naive_eps"]
     results["ratio_throughput_to_raw_consume"] = (
         results["throughput_eps"] / results["raw_consume_eps"]
+    )
+    results["ratio_api_batch_to_direct_publish"] = (
+        results["api_batch_eps"] / results["direct_publish_eps"]
     )
     results["machine"] = {
         "cpus": os.cpu_count(),

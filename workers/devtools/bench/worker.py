@@ -35,17 +35,18 @@ def _poll_pause(events: float, at_least: float, first: float | None, now: float)
 
 
 class WorkerRun:
-    """A real ``chargeline worker all`` process, watched through its /metrics."""
+    """A real ``chargeline worker`` process (``all`` unless ``kinds`` says otherwise),
+    watched through its /metrics."""
 
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.port = _free_port()
+    def __init__(self, settings: Settings, log: Path, kinds: tuple[str, ...] = ("all",)) -> None:
+        self.port = free_port()
         env = {
             **os.environ,
             **settings.model_copy(update={"metrics_port": self.port}).as_env(),
         }
         with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "workers.cli.main", "worker", "all"],
+            self.process = subprocess.Popen(  # noqa: S603 -- our own module, arguments we build.
+                [sys.executable, "-m", "workers.cli.main", "worker", *kinds],
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self.ps = psutil.Process(self.process.pid)
@@ -113,7 +114,7 @@ class WorkerRun:
             self.process.kill()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
