@@ -23,6 +23,7 @@ import asyncpg
 import orjson
 import uvicorn
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from multidict import CIMultiDict
 
 from workers import db
 from workers.api.app import create_app
@@ -509,7 +510,7 @@ async def call(
     body: Any = None,
     data: bytes | None = None,
     headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, Any], dict[str, str]]:
+) -> tuple[int, dict[str, Any], CIMultiDict[str]]:
     sent = dict(headers or {})
     if key is not None:
         sent.setdefault("Authorization", f"Bearer {key}")
@@ -520,4 +521,4 @@ async def call(
     async with session.request(method, url, data=payload, headers=sent) as response:
         document = orjson.loads(await response.read())
         assert response.headers.get("X-Request-Id"), "every answer carries X-Request-Id"
-        return response.status, document, dict(response.headers)
+        return response.status, document, CIMultiDict(response.headers)

@@ -6,6 +6,7 @@ answered 422 in the envelope, and keys and scopes."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 from datetime import UTC, datetime, timedelta
@@ -357,8 +358,12 @@ async def test_payouts_and_dead_letters(settings: Settings) -> None:
             cut_payouts, conn, until=None, period=settings.payout_period,
             topic=settings.topic_payouts,
         )  # fmt: skip
+        # A cut's end is the database's time to the millisecond, and it takes the charges
+        # recorded before it: let a millisecond pass after the inserts.
+        await asyncio.sleep(0.01)
         assert len((await cut()).payouts) == 3
         await insert_charges(conn, "flow_a", 4, prefix="two")
+        await asyncio.sleep(0.01)
         assert len((await cut()).payouts) == 1
         await insert_charges(conn, "flow_b", 2, prefix="unpaid")
     finally:
