@@ -9,28 +9,23 @@ answers 200. Also here: the body and identifier checks the billing routes share.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
-import orjson
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.common import MAX_IDENTIFIER_LENGTH, Identifier
-from schemas.printable import is_printable
 from workers.api.auth import API_KEY_HEADER, BEARER, require
+from workers.api.bodies import identifier, json_body, parse_body
+from workers.api.documents import flow_document
 from workers.api.envelope import ApiError, ok
-from workers.api.ingest import read_body
 from workers.api.services import Services
 from workers.db import QUERIES
 
 router = APIRouter(
     dependencies=[Depends(BEARER), Depends(API_KEY_HEADER), Depends(require("admin"))]
 )
-MAX_BODY_BYTES = 16 * 1024
-"""Bodies of the admin and billing calls: a few fields each."""
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class FlowCreate(BaseModel):
@@ -48,51 +43,7 @@ class FlowCreate(BaseModel):
 # --- shared with the billing routes ---------------------------------------------------------
 
 
-def json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """``openapi_extra`` describing a JSON body read by ``parse_body`` (not by FastAPI)."""
-    schema = model.model_json_schema()
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
-    """The body as ``model``: 413 over MAX_BODY_BYTES, 400 malformed JSON, 422 naming the
-    first field that fails the model (extra fields included)."""
-    raw = await read_body(request, MAX_BODY_BYTES)
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(422, "invalid_request", "the body should be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        message = f"{param}: {first['msg']}" if param else str(first["msg"])
-        raise ApiError(422, "invalid_request", message, param=param) from None
-
-
-def identifier(value: str, param: str) -> str:
-    """``value`` if it is 1-200 printable characters (as the CLI's ids), else 422."""
-    if not 1 <= len(value) <= MAX_IDENTIFIER_LENGTH or not is_printable(value):
-        raise ApiError(
-            422,
-            "invalid_request",
-            f"{param}: expected 1-{MAX_IDENTIFIER_LENGTH} printable characters",
-            param=param,
-        )
-    return value
-
-
 # --- flows ------------------------------------------------------------------------------------
-
-
-def _flow(row: Any) -> dict[str, Any]:
-    flow = dict(row.items())
-    if isinstance(flow.get("amounts"), str):
-        flow["amounts"] = orjson.loads(flow["amounts"])
-    return flow
 
 
 async def _flow_answer(request: Request, services: Services, flow_id: str, status: int) -> Response:
@@ -100,7 +51,7 @@ async def _flow_answer(request: Request, services: Services, flow_id: str, statu
     rows = await services.fetch(QUERIES["flow_list"], flow_id)
     if not rows:  # gone in between: nothing deletes flows today
         raise ApiError(404, "unknown_flow", f"no flow {flow_id!r}", param="flow_id")
-    return ok(request, _flow(rows[0]), status)
+    return ok(request, flow_document(rows[0]), status)
 
 
 @router.post(

@@ -38,8 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas.common import MAX_IDENTIFIER_LENGTH, MAX_QUANTITY, Amount, Tokens
 from schemas.currency import CurrencyCode
 from workers import db
-from workers.api.admin import identifier, json_body, parse_body
 from workers.api.auth import API_KEY_HEADER, BEARER, require
+from workers.api.bodies import identifier, json_body, parse_body
 from workers.api.envelope import ApiError, ok
 from workers.api.services import Key, Services, unavailable
 from workers.db import QUERIES

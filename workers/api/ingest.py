@@ -19,6 +19,8 @@ from fastapi.responses import Response
 
 from schemas.events import ChargeEvent, EventRejected, InputEvent, fingerprint, parse_event
 from workers.api.auth import API_KEY_HEADER, BEARER, require
+from workers.api.bodies import json_object, read_body
+from workers.api.documents import charge_document
 from workers.api.envelope import ApiError, ok
 from workers.api.services import Services
 from workers.db import QUERIES
@@ -62,7 +64,7 @@ async def record_charge(
 ) -> Response:
     services: Services = request.app.state.services
     raw = await read_body(request, services.settings.max_event_bytes)
-    body = _json_object(raw)
+    body = json_object(raw, not_an_object="invalid_event")
     for field in ("type", "flow_id"):
         if field in body:
             raise ApiError(
@@ -117,13 +119,6 @@ async def _answer(
     )
 
 
-def charge_document(row: Any) -> dict[str, Any]:
-    charge = dict(row.items())
-    if charge.get("metadata") is not None:
-        charge["metadata"] = orjson.loads(charge["metadata"])
-    return charge
-
-
 @router.post(
     "/v1/events",
     status_code=202,
@@ -164,35 +159,6 @@ async def send_events(request: Request, _: object = Depends(require("ingest"))) 
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is over ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(422, "invalid_event", "the body should be a JSON object")
-    return body
 
 
 def _validated(value: bytes) -> InputEvent:

@@ -14,15 +14,14 @@ page. The filters are not in the cursor: send the same ones with every page.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 
 from workers.api.auth import API_KEY_HEADER, BEARER, require
+from workers.api.documents import charge_document, flow_document
 from workers.api.envelope import ApiError, ok
-from workers.api.ingest import charge_document
 from workers.api.paging import (
     Moment,
     Page,
@@ -44,17 +43,10 @@ router = APIRouter(
 # --- flows ------------------------------------------------------------------------------------
 
 
-def _flow(row: Any) -> dict[str, Any]:
-    flow = dict(row.items())
-    if isinstance(flow.get("amounts"), str):
-        flow["amounts"] = orjson.loads(flow["amounts"])
-    return flow
-
-
 @router.get("/v1/flows", summary="Flows with payee, status, last charge time and amounts")
 async def list_flows(request: Request) -> Response:
     rows = await services_of(request).fetch(QUERIES["flow_list"], None)
-    return ok(request, [_flow(row) for row in rows])
+    return ok(request, [flow_document(row) for row in rows])
 
 
 @router.get("/v1/flows/{flow_id}", summary="One flow")
@@ -62,7 +54,7 @@ async def show_flow(request: Request, flow_id: str = Path(max_length=200)) -> Re
     rows = await services_of(request).fetch(QUERIES["flow_list"], flow_id)
     if not rows:
         raise ApiError(404, "unknown_flow", f"no flow {flow_id!r}", param="flow_id")
-    return ok(request, _flow(rows[0]))
+    return ok(request, flow_document(rows[0]))
 
 
 # --- charges ----------------------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""Request bodies: read with a size limit (413 as soon as it is over), parsed as JSON, checked
+against a model (422 naming the field); identifiers in paths checked as the CLI checks them."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from schemas.common import MAX_IDENTIFIER_LENGTH
+from schemas.printable import is_printable
+from workers.api.envelope import ApiError
+
+MAX_BODY_BYTES = 16 * 1024
+"""Bodies of the admin and billing calls: a few fields each."""
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` describing a JSON body read by ``parse_body`` (not by FastAPI)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
+    """The body as ``model``: 413 over MAX_BODY_BYTES, 400 malformed JSON, 422 naming the
+    first field that fails the model (extra fields included)."""
+    data = json_object(await read_body(request, MAX_BODY_BYTES))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        raise ApiError(422, "invalid_request", message, param=param) from None
+
+
+def identifier(value: str, param: str) -> str:
+    """``value`` if it is 1-200 printable characters (as the CLI's ids), else 422."""
+    if not 1 <= len(value) <= MAX_IDENTIFIER_LENGTH or not is_printable(value):
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{param}: expected 1-{MAX_IDENTIFIER_LENGTH} printable characters",
+            param=param,
+        )
+    return value
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is over ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+
+
+def json_object(raw: bytes, *, not_an_object: str = "invalid_request") -> dict[str, Any]:
+    """The body as a JSON object: 400 ``malformed_json`` when it is not JSON, 422 with the
+    code ``not_an_object`` when it is JSON but no object."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, not_an_object, "the body should be a JSON object")
+    return body
