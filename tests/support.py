@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import asyncpg
 import orjson
+import stripe
 import uvicorn
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from multidict import CIMultiDict
@@ -522,3 +523,44 @@ async def call(
         document = orjson.loads(await response.read())
         assert response.headers.get("X-Request-Id"), "every answer carries X-Request-Id"
         return response.status, document, CIMultiDict(response.headers)
+
+
+# --- the Stripe stand-in ---
+
+
+@contextlib.asynccontextmanager
+async def stripe_client(settings: Settings) -> AsyncIterator[stripe.StripeClient]:
+    http = stripe.AIOHTTPClient()
+    try:
+        yield stripe.StripeClient(
+            settings.stripe_api_key.get_secret_value(),
+            base_addresses={"api": settings.stripe_api_base},
+            http_client=http,
+        )
+    finally:
+        await http.close_async()  # type: ignore[no-untyped-call]  # untyped in the SDK
+
+
+async def stripe_customer(settings: Settings, card: str) -> str:
+    """A Stripe customer at the stand-in whose default payment method is ``card``."""
+    async with stripe_client(settings) as client:
+        customer = await client.v1.customers.create_async({"email": "buyer@example.com"})
+        method = await client.v1.payment_methods.create_async(
+            {
+                "type": "card",
+                "card": {"number": card, "exp_month": 12, "exp_year": 2031, "cvc": "123"},
+            }
+        )
+        await client.v1.payment_methods.attach_async(method.id, {"customer": customer.id})
+        await client.v1.customers.update_async(
+            customer.id, {"invoice_settings": {"default_payment_method": method.id}}
+        )
+        return str(customer.id)
+
+
+async def intents_of(settings: Settings, stripe_customer_id: str) -> list[Any]:
+    async with stripe_client(settings) as client:
+        page = await client.v1.payment_intents.list_async({"limit": 100})
+        return [
+            i for i in page.data if i.customer == stripe_customer_id
+        ]  # the stand-in can't filter

@@ -7,15 +7,21 @@ Idempotency-Key even when the same request arrives five times at once, declines 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import asyncpg
-import stripe
 
-from tests.support import api_server, assert_invariants, call, fetch, fetchval, running_worker
+from tests.support import (
+    api_server,
+    assert_invariants,
+    call,
+    fetch,
+    fetchval,
+    intents_of,
+    running_worker,
+    stripe_customer,
+)
 from workers import db
 from workers.api import keys
 from workers.settings import Settings
@@ -51,42 +57,6 @@ async def link_stripe(settings: Settings, customer: str, stripe_id: str | None) 
         await conn.execute(db.QUERIES["customer_configure"], customer, stripe_id, *[None] * 6)
     finally:
         await conn.close()
-
-
-@contextlib.asynccontextmanager
-async def stripe_client(settings: Settings) -> AsyncIterator[stripe.StripeClient]:
-    http = stripe.AIOHTTPClient()
-    try:
-        yield stripe.StripeClient(
-            settings.stripe_api_key.get_secret_value(),
-            base_addresses={"api": settings.stripe_api_base},
-            http_client=http,
-        )
-    finally:
-        await http.close_async()  # type: ignore[no-untyped-call]  # untyped in the SDK
-
-
-async def stripe_customer(settings: Settings, card: str) -> str:
-    """A Stripe customer at the stand-in whose default payment method is ``card``."""
-    async with stripe_client(settings) as client:
-        customer = await client.v1.customers.create_async({"email": "buyer@example.com"})
-        method = await client.v1.payment_methods.create_async(
-            {
-                "type": "card",
-                "card": {"number": card, "exp_month": 12, "exp_year": 2031, "cvc": "123"},
-            }
-        )
-        await client.v1.payment_methods.attach_async(method.id, {"customer": customer.id})
-        await client.v1.customers.update_async(
-            customer.id, {"invoice_settings": {"default_payment_method": method.id}}
-        )
-        return str(customer.id)
-
-
-async def intents_of(settings: Settings, stripe_customer_id: str) -> list[Any]:
-    async with stripe_client(settings) as client:
-        page = await client.v1.payment_intents.list_async({"limit": 100})
-        return [i for i in page.data if i.customer == stripe_customer_id]  # no filter there
 
 
 def fast(settings: Settings) -> Settings:

@@ -19,12 +19,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-import orjson
 import stripe
 from stripe.params import PayoutListParams
 
 from schemas.outputs import PayoutEvent
 from tests.support import (
+    assert_one_line_error,
     charge,
     cli,
     consume_all,
@@ -33,6 +33,7 @@ from tests.support import (
     fetchval,
     ingest_done,
     insert_charges,
+    ok_json,
     outbox_empty,
     payout_violations,
     produce,
@@ -64,22 +65,6 @@ PAYOUT_FIELDS = {
     "amount",
     "status",
 }
-
-
-def ok_json(settings: Settings, *args: str) -> Any:
-    done = cli(settings, *args, "--format", "json")
-    assert done.returncode == 0, done.stderr
-    return orjson.loads(done.stdout)
-
-
-def assert_one_line_error(
-    done: subprocess.CompletedProcess[str], *, code: int, mentions: str
-) -> None:
-    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert "Traceback" not in done.stderr
-    assert mentions in lines[0]
 
 
 def at(text: str) -> datetime:

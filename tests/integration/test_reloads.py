@@ -4,19 +4,15 @@ with the real `stripe` SDK; no card data kept; one PaymentIntent per crossing.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import io
 import logging
-from collections.abc import AsyncIterator
 from contextlib import redirect_stderr
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 import orjson
 import pytest
-import stripe
 
 from tests.support import (
     Stack,
@@ -27,11 +23,13 @@ from tests.support import (
     fetchval,
     grant,
     ingest_done,
+    intents_of,
     outbox_empty,
     produce,
     record,
     running_worker,
     setup_pipeline,
+    stripe_customer,
     usage,
     wait_for,
 )
@@ -41,43 +39,6 @@ from workers.settings import Settings
 
 GOOD_CARD = "4242424242424242"
 DECLINED_CARD = "4000000000000341"  # attaches, declined when charged
-
-
-@contextlib.asynccontextmanager
-async def stripe_client(settings: Settings) -> AsyncIterator[stripe.StripeClient]:
-    http = stripe.AIOHTTPClient()
-    try:
-        yield stripe.StripeClient(
-            settings.stripe_api_key.get_secret_value(),
-            base_addresses={"api": settings.stripe_api_base},
-            http_client=http,
-        )
-    finally:
-        await http.close_async()  # type: ignore[no-untyped-call]  # untyped in the SDK
-
-
-async def stripe_customer(settings: Settings, card: str) -> str:
-    async with stripe_client(settings) as client:
-        customer = await client.v1.customers.create_async({"email": "buyer@example.com"})
-        method = await client.v1.payment_methods.create_async(
-            {
-                "type": "card",
-                "card": {"number": card, "exp_month": 12, "exp_year": 2031, "cvc": "123"},
-            }
-        )
-        await client.v1.payment_methods.attach_async(method.id, {"customer": customer.id})
-        await client.v1.customers.update_async(
-            customer.id, {"invoice_settings": {"default_payment_method": method.id}}
-        )
-        return str(customer.id)
-
-
-async def intents_of(settings: Settings, stripe_customer_id: str) -> list[Any]:
-    async with stripe_client(settings) as client:
-        page = await client.v1.payment_intents.list_async({"limit": 100})
-        return [
-            i for i in page.data if i.customer == stripe_customer_id
-        ]  # the stand-in can't filter
 
 
 def configure(settings: Settings, customer: str, stripe_id: str, *extra: str) -> None:
