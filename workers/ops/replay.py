@@ -261,7 +261,7 @@ async def run_replay(
             report.warnings += [
                 f"{failed}: applied lane by lane, the records to blame dead-lettered "
                 "unprocessable; its changes are not listed"
-                for failed in apply.failed
+                for failed in (apply.failed if isinstance(apply, _RealRun) else ())
             ]
         report.complete = not interrupted and all(r.done for r in report.partitions)
     finally:
@@ -307,7 +307,6 @@ class _DryRun:
         self.customers: set[str] = set()
         self.conn: db.Connection | None = None
         self.tx: db.Transaction | None = None
-        self.failed: list[str] = []  # never filled: a failing batch ends a dry run
 
     async def __aenter__(self) -> _DryRun:
         self.conn = await db.connect(self.processor.settings.dsn)
