@@ -20,6 +20,7 @@ async def run_api(settings: Settings) -> int:
         log_config=None,  # chargeline's structlog configuration, not uvicorn's own
         access_log=False,  # requests are counted and their failures logged by the app
         lifespan="on",
+        http="httptools",
         server_header=False,
     )
     server = uvicorn.Server(config)

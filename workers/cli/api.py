@@ -4,6 +4,7 @@ create|list|revoke`` (a new key is printed once; Postgres keeps only its digest)
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 from workers import db
 from workers.api import keys
@@ -17,7 +18,7 @@ KEY_COLUMNS = ["id", "name", "prefix", "scopes", "created_at", "last_used_at", "
 
 
 def add_api(nouns: argparse._SubParsersAction[Parser]) -> None:
-    add_noun(nouns, "api").set_defaults(run=api_command)
+    add_noun(nouns, "api").set_defaults(run=api_command, loop_factory=_uvloop)
 
 
 def add_api_keys(nouns: argparse._SubParsersAction[Parser]) -> None:
@@ -41,6 +42,13 @@ def add_api_keys(nouns: argparse._SubParsersAction[Parser]) -> None:
     revoke.add_argument("key_id", type=positive_int, metavar="ID")
     add_format(revoke, csv=False)
     revoke.set_defaults(run=keys_revoke)
+
+
+def _uvloop() -> asyncio.AbstractEventLoop:
+    """libuv's event loop: a server's loop spends less per request than asyncio's own."""
+    import uvloop
+
+    return uvloop.new_event_loop()
 
 
 async def api_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -89,5 +97,8 @@ async def keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
     rows = await fetch_rows(settings, "api_key_revoke", args.key_id)
     if not rows:
         raise NotFoundError(f"no API key {args.key_id}")
+    # An API process trusts a key it has checked for keys.CACHE_S: once this returns,
+    # every one of them has looked again and refuses it.
+    await asyncio.sleep(keys.CACHE_S)
     emit_object(rows[0], args.format, title="API key revoked")
     return 0

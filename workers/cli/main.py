@@ -69,8 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         configure_logging(settings.log_level, settings.log_format)
     run: Command = args.run
+    # A long-running server may bring its own event loop (the API runs on uvloop).
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = getattr(
+        args, "loop_factory", None
+    )
     try:
-        return asyncio.run(run(settings, args))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(run(settings, args))
     except KeyboardInterrupt:
         return 130
     except ChargelineError as exc:
