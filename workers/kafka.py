@@ -97,12 +97,17 @@ def make_consumer(
     )
 
 
-def make_producer(settings: Settings, *, client_id: str = "chargeline") -> AIOKafkaProducer:
+def make_producer(
+    settings: Settings, *, client_id: str = "chargeline", linger_ms: int = 5
+) -> AIOKafkaProducer:
+    """A producer whose records are acknowledged by all in-sync replicas. ``linger_ms``
+    holds a batch open for more records; with 0 a batch goes as soon as the last request
+    to its broker has been answered, and the records that came meanwhile go together."""
     return AIOKafkaProducer(
         client_id=client_id,
         acks="all",
         enable_idempotence=settings.kafka_idempotent_producer,
-        linger_ms=5,
+        linger_ms=linger_ms,
         max_batch_size=1 << 20,
         max_request_size=max(settings.max_event_bytes * 2, 1 << 20),
         **security_options(settings),

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.common import MAX_IDENTIFIER_LENGTH, Identifier
-from workers.api.auth import API_KEY_HEADER, BEARER, require
+from workers.api.auth import scoped_router
 from workers.api.bodies import identifier, json_body, parse_body
 from workers.api.documents import flow_document
 from workers.api.envelope import ApiError, ok
 from workers.api.services import Services
 from workers.db import QUERIES
 
-router = APIRouter(
-    dependencies=[Depends(BEARER), Depends(API_KEY_HEADER), Depends(require("admin"))]
-)
+router = scoped_router("admin")
 
 
 class FlowCreate(BaseModel):

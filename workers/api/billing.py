@@ -31,21 +31,20 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.common import MAX_IDENTIFIER_LENGTH, MAX_QUANTITY, Amount, Tokens
 from schemas.currency import CurrencyCode
 from workers import db
-from workers.api.auth import API_KEY_HEADER, BEARER, require
+from workers.api.auth import key_of, scoped_router
 from workers.api.bodies import identifier, json_body, parse_body
 from workers.api.envelope import ApiError, ok
 from workers.api.services import Key, Services, unavailable
 from workers.db import QUERIES
 
-BILLING = require("billing")
-router = APIRouter(dependencies=[Depends(BEARER), Depends(API_KEY_HEADER), Depends(BILLING)])
+router = scoped_router("billing")
 
 TOPUP_ROUTE = "POST /v1/customers/{customer_ref}/credits/topup"
 MAX_IDEMPOTENCY_KEY_LENGTH = 255  # Stripe's
@@ -180,9 +179,9 @@ _TOPUP_HEADERS = [
 async def topup(
     request: Request,
     customer_ref: CustomerRef,
-    key: Annotated[Key, Depends(BILLING)],
 ) -> Response:
     services: Services = request.app.state.services
+    key = key_of(request)
     idempotency = _idempotency_key(request.headers.get("idempotency-key"))
     customer_ref = identifier(customer_ref, "customer_ref")
     body = await parse_body(request, TopupRequest)

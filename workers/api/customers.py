@@ -6,10 +6,10 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Query, Request
 from fastapi.responses import Response
 
-from workers.api.auth import API_KEY_HEADER, BEARER, require
+from workers.api.auth import scoped_router
 from workers.api.envelope import ApiError, ok
 from workers.api.paging import (
     Moment,
@@ -25,9 +25,7 @@ from workers.db import QUERIES, Row
 MAX_USAGE_PERIODS = 1000  # periods of one usage history answer (days or months)
 TOP_UP_SOURCES = frozenset({"purchase", "auto_reload", "manual"})
 
-router = APIRouter(
-    dependencies=[Depends(BEARER), Depends(API_KEY_HEADER), Depends(require("read"))]
-)
+router = scoped_router("read")
 
 # --- a customer's credits, ledger and usage ---------------------------------------------------
 

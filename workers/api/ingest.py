@@ -8,24 +8,21 @@ acks from all in-sync replicas, and answered only once the broker has it.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import re
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import Path, Request
 from fastapi.responses import Response
 
 from schemas.events import ChargeEvent, EventRejected, InputEvent, fingerprint, parse_event
-from workers.api.auth import API_KEY_HEADER, BEARER, require
+from workers.api.auth import scoped_router
 from workers.api.bodies import json_object, read_body
-from workers.api.documents import charge_document
 from workers.api.envelope import ApiError, ok
 from workers.api.services import Services
-from workers.db import QUERIES
 
-router = APIRouter(dependencies=[Depends(BEARER), Depends(API_KEY_HEADER)])
+router = scoped_router("ingest")
 MAX_BATCH_EVENTS = 1000
 MAX_WAIT_S = 30
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
@@ -60,7 +57,6 @@ def _body(schema: dict[str, Any], *media: str) -> dict[str, Any]:
 async def record_charge(
     request: Request,
     flow_id: str = Path(min_length=1, max_length=200),
-    _: object = Depends(require("ingest")),
 ) -> Response:
     services: Services = request.app.state.services
     raw = await read_body(request, services.settings.max_event_bytes)
@@ -104,9 +100,7 @@ async def _answer(
     if reason is not None:
         status = 409 if reason in ("flow_paused", "reference_conflict") else 422
         raise ApiError(status, str(reason), f"the charge was not recorded: {reason}")
-    row = await services.fetchrow(QUERIES["api_charge"], verdict["charge_id"])
-    assert row is not None
-    charge = charge_document(row)
+    charge = verdict["charge"]
     if verdict["position"] == position:
         return ok(request, charge, 201)
     if verdict["fingerprint"] == fingerprint(event):
@@ -129,12 +123,12 @@ async def _answer(
         "application/x-ndjson",
     ),
 )
-async def send_events(request: Request, _: object = Depends(require("ingest"))) -> Response:
+async def send_events(request: Request) -> Response:
     services: Services = request.app.state.services
     raw = await read_body(request, services.settings.api_max_batch_bytes)
     items = _batch_items(raw, request.headers.get("content-type", ""))
     results: list[dict[str, Any]] = []
-    sends = []
+    records: list[tuple[str, bytes, bytes]] = []
     for index, item in enumerate(items):
         try:
             event = _validated(item)
@@ -151,9 +145,9 @@ async def send_events(request: Request, _: object = Depends(require("ingest"))) 
             if isinstance(event, ChargeEvent)
             else services.settings.topic_usage
         )
-        sends.append(services.publish(topic, event.customer_ref.encode(), item))
+        records.append((topic, event.customer_ref.encode(), item))
         results.append({"index": index, "status": "accepted"})
-    await asyncio.gather(*sends)
+    await services.publish_many(records)
     accepted = sum(1 for r in results if r["status"] == "accepted")
     return ok(request, results, 202, accepted=accepted, invalid=len(results) - accepted)
 

@@ -19,6 +19,8 @@ PREFIX = "cl_live_"
 LOOKUP_LENGTH = 8
 SECRET_LENGTH = 32
 _ALPHABET = string.ascii_letters + string.digits
+CACHE_S = 1.0
+"""How long an API process trusts a key it has checked; ``api-keys revoke`` waits it out."""
 
 
 class NewKey(NamedTuple):

@@ -16,10 +16,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import Path, Query, Request
 from fastapi.responses import Response
 
-from workers.api.auth import API_KEY_HEADER, BEARER, require
+from workers.api.auth import scoped_router
 from workers.api.documents import charge_document, flow_document
 from workers.api.envelope import ApiError, ok
 from workers.api.paging import (
@@ -36,9 +36,7 @@ from workers.api.paging import (
 )
 from workers.db import QUERIES, Row
 
-router = APIRouter(
-    dependencies=[Depends(BEARER), Depends(API_KEY_HEADER), Depends(require("read"))]
-)
+router = scoped_router("read")
 
 # --- flows ------------------------------------------------------------------------------------
 

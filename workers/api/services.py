@@ -13,6 +13,7 @@ from typing import Any
 
 from workers import db, kafka
 from workers.api import keys
+from workers.api.documents import CHARGE_COLUMNS, charge_document
 from workers.api.envelope import ApiError
 from workers.logs import get_logger
 from workers.metrics import Metrics
@@ -23,6 +24,7 @@ log = get_logger("chargeline.api")
 
 FLOW_CACHE_S = 1.0  # a pause is seen within this long
 KEY_USE_FLUSH_S = 5.0  # last_used_at is written at most this often
+PUBLISH_TIMEOUT_S = 10.0  # the broker's acknowledgement, or 503
 WAIT_POLL_S = 0.05  # how often the waiter asks Postgres, for all waiting requests at once
 UNAVAILABLE = {"Retry-After": "5"}
 
@@ -48,6 +50,7 @@ class Services:
         self.producer_ready = asyncio.Event()
         self.stopping = asyncio.Event()
         self.flows: dict[str, tuple[float, str | None]] = {}
+        self.keys: dict[bytes, tuple[float, Key]] = {}
         self.key_uses: dict[int, datetime] = {}
         self.waiter = VerdictWaiter(self)
         self._tasks: list[asyncio.Task[None]] = []
@@ -58,7 +61,9 @@ class Services:
 
     async def start(self) -> None:
         self.pool = await db.create_pool(self.settings.dsn, min_size=1, max_size=8)
-        self.producer = kafka.make_producer(self.settings, client_id="chargeline-api")
+        # No linger: a request waits for its acknowledgement, and concurrent requests share
+        # a batch anyway while the one before is in flight.
+        self.producer = kafka.make_producer(self.settings, client_id="chargeline-api", linger_ms=0)
         self._tasks = [
             asyncio.create_task(self._start_producer(), name="api-producer"),
             asyncio.create_task(self._flush_key_uses(), name="api-key-uses"),
@@ -92,14 +97,36 @@ class Services:
     # --- keys ---
 
     async def authenticate(self, presented: str) -> Key | None:
-        """The key, or None for an unknown, wrong or revoked one. Its use is noted."""
+        """The key, or None for an unknown, wrong or revoked one. Its use is noted.
+
+        A key found good is trusted for keys.CACHE_S without asking Postgres again (the hot
+        path makes no query for it); ``api-keys revoke`` waits that long before it returns,
+        so a revoked key is refused everywhere once the command is done. Unknown keys are
+        never cached: a key created a moment ago works at once."""
+        digest = keys.digest(presented)
+        now = time.monotonic()
+        cached = self.keys.get(digest)
+        if cached is not None and now - cached[0] < keys.CACHE_S:
+            key = cached[1]
+        else:
+            found = await self._key_from_database(presented)
+            if found is None:
+                self.keys.pop(digest, None)
+                return None
+            if len(self.keys) > 10_000:
+                self.keys.clear()
+            self.keys[digest] = (now, found)
+            key = found
+        self.key_uses[key.key_id] = datetime.now(UTC)
+        return key
+
+    async def _key_from_database(self, presented: str) -> Key | None:
         lookup = keys.lookup_of(presented)
         if lookup is None:
             return None
         row = await self.fetchrow(db.QUERIES["api_key_lookup"], lookup)
         if row is None or row["revoked"] or not keys.matches(presented, row["digest"]):
             return None
-        self.key_uses[row["key_id"]] = datetime.now(UTC)
         return Key(row["key_id"], frozenset(row["scopes"]))
 
     async def _flush_key_uses(self) -> None:
@@ -167,13 +194,21 @@ class Services:
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> Any:
         """Send one record; its metadata once the broker has acknowledged it."""
+        return (await self.publish_many([(topic, key, value)]))[0]
+
+    async def publish_many(self, records: list[tuple[str, bytes, bytes]]) -> list[Any]:
+        """Send ``(topic, key, value)`` records; their metadata once the broker has
+        acknowledged every one, or 503 when it has not within PUBLISH_TIMEOUT_S. One
+        deadline for all: no timer or task per record."""
         if not self.producer_ready.is_set():
             raise unavailable("Kafka")
         try:
-            future = await asyncio.wait_for(
-                self.producer.send(topic, value=value, key=key), timeout=10
-            )
-            return await asyncio.wait_for(future, timeout=10)
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                acks = [
+                    await self.producer.send(topic, value=value, key=key)
+                    for topic, key, value in records
+                ]
+                return list(await asyncio.gather(*acks))
         except Exception as exc:
             if kafka.is_transient(exc) or isinstance(exc, TimeoutError):
                 raise unavailable("Kafka") from exc
@@ -254,7 +289,7 @@ class VerdictWaiter:
             elif row["charge_id"] is not None:
                 entry.done.set_result(
                     {
-                        "charge_id": row["charge_id"],
+                        "charge": charge_document(row, CHARGE_COLUMNS),
                         "fingerprint": bytes(row["fingerprint"]),
                         "position": (
                             row["source_topic"],

@@ -30,9 +30,11 @@ SELECT status FROM flows WHERE flow_id = $1;
 
 -- name: api_charge_verdicts
 -- What Postgres holds for the charges requests are waiting on: the charge recorded under
--- each key (if any), and the dead letter at each record's position (if any).
-SELECT w.ord, c.charge_id, c.fingerprint, c.source_topic, c.source_partition,
-       c.source_offset, d.reason
+-- each key (if any) with the fields the answer shows, and the dead letter at each
+-- record's position (if any).
+SELECT w.ord, c.charge_id, c.flow_id, c.customer_ref, c.reference, c.amount, c.currency,
+       c.status, c.metadata, c.occurred_at, c.recorded_at, c.payout_id,
+       c.fingerprint, c.source_topic, c.source_partition, c.source_offset, d.reason
 FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[]) WITH ORDINALITY
      AS w(flow_id, reference, partition, "offset", ord)
 LEFT JOIN charges c ON c.flow_id = w.flow_id AND c.reference = w.reference
