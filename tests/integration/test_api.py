@@ -198,3 +198,21 @@ async def test_the_openapi_document_is_valid_and_open(settings: Settings) -> Non
     schema = charge_body["content"]["application/json"]["schema"]
     assert set(schema["required"]) == {"customer_ref", "reference", "amount", "currency"}
     assert schema["additionalProperties"] is False
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer"}
+    assert schemes["apiKey"]["name"] == "X-API-Key"
+    assert document["security"] == [{"bearer": []}, {"apiKey": []}]
+
+
+async def test_a_key_in_use_is_refused_once_its_revocation_returns(settings: Settings) -> None:
+    """The API trusts a key it has checked for a moment without asking Postgres again;
+    ``api-keys revoke`` outwaits that moment, so the very next request is refused."""
+    await setup_pipeline(settings, partitions=1, flows=[])
+    reader = new_key(settings, "read")
+    async with api_server(settings) as base, aiohttp.ClientSession() as session:
+        status, doc, _ = await call(session, "GET", f"{base}/v1/flows", key=reader["key"])
+        assert status == 200, doc
+        done = cli(settings, "api-keys", "revoke", str(reader["id"]), "--format", "json")
+        assert done.returncode == 0, done.stderr
+        status, doc, _ = await call(session, "GET", f"{base}/v1/flows", key=reader["key"])
+        assert (status, doc["error"]["code"]) == (401, "invalid_api_key")
