@@ -31,18 +31,20 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
+import stripe
 from fastapi import Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.common import MAX_IDENTIFIER_LENGTH, MAX_QUANTITY, Amount, Tokens
 from schemas.currency import CurrencyCode
-from workers import db
+from workers import db, stripe_gateway
 from workers.api.auth import key_of, scoped_router
 from workers.api.bodies import identifier, json_body, parse_body
 from workers.api.envelope import ApiError, ok
 from workers.api.services import Key, Services, unavailable
 from workers.db import QUERIES
+from workers.ops.payment_setup import payment_setup
 
 router = scoped_router("billing")
 
@@ -82,6 +84,37 @@ class TopupRequest(BaseModel):
     tokens: Tokens
     price: Amount
     currency: CurrencyCode
+
+
+# --- card setup -------------------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/customers/{customer_ref}/payment-setup",
+    summary="Start collecting a customer's card for later charges",
+    responses={
+        200: {"description": "{customer_ref, stripe_customer, setup_intent, client_secret}"},
+        502: {"description": "stripe_error: Stripe refused a call (its code in the message)"},
+    },
+)
+async def start_payment_setup(request: Request, customer_ref: CustomerRef) -> Response:
+    """The Stripe customer is created when ours has none (``metadata.customer_ref`` names
+    ours) and linked at once; then a SetupIntent with ``usage=off_session``, whose
+    ``client_secret`` the browser passes to ``stripe.confirmSetup``. Once Stripe sends
+    ``setup_intent.succeeded``, the card is the one auto-reloads and top-ups charge."""
+    services: Services = request.app.state.services
+    customer_ref = identifier(customer_ref, "customer_ref")
+    if services.pool is None:
+        raise unavailable("Postgres")
+    try:
+        started = await payment_setup(services.pool, services.stripe, customer_ref)
+    except stripe.StripeError as exc:
+        if stripe_gateway.is_transient(exc):
+            raise unavailable("Stripe") from exc
+        raise ApiError(
+            502, "stripe_error", f"Stripe refused the setup: {exc.code or type(exc).__name__}"
+        ) from exc
+    return ok(request, started)
 
 
 # --- auto-reload ------------------------------------------------------------------------------

@@ -72,7 +72,15 @@ async def show_credits(request: Request, customer_ref: Ref) -> Response:
             },
             "low_balance_threshold": first["low_balance_threshold"],
             "last_topped_up_at": max(topped_up, default=None),
-            "payment_method": None,  # not stored yet (SPEC section 13)
+            "payment_method": (
+                None
+                if first["payment_method_type"] is None
+                else {
+                    "type": first["payment_method_type"],
+                    "brand": first["payment_method_brand"],
+                    "last4": first["payment_method_last4"],
+                }
+            ),
             "grants": grants,
         },
     )

@@ -19,6 +19,7 @@ from workers.logs import get_logger
 from workers.metrics import Metrics
 from workers.retry import Stopping, retry_transient
 from workers.settings import Settings
+from workers.stripe_gateway import StripeGateway
 
 log = get_logger("chargeline.api")
 
@@ -46,6 +47,7 @@ class Services:
         self.settings = settings
         self.metrics = metrics
         self.pool: db.Pool | None = None
+        self.stripe = StripeGateway(settings, metrics)
         self.producer: Any = None
         self.producer_ready = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -80,6 +82,7 @@ class Services:
             await self.producer.stop()
         if self.pool is not None:
             await self.pool.close()
+        await self.stripe.close()
 
     async def _start_producer(self) -> None:
         with contextlib.suppress(Stopping):

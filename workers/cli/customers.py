@@ -1,4 +1,4 @@
-"""``chargeline customers configure`` and ``chargeline credits topup`` (SPEC section 6)."""
+"""``chargeline customers configure|payment-setup`` and ``chargeline credits topup``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ def add_customers(nouns: argparse._SubParsersAction[Parser]) -> None:
     configure.add_argument("--low-balance-threshold", type=non_negative_int, metavar="TOKENS")
     add_format(configure, csv=False)
     configure.set_defaults(run=configure_customer)
+    setup = customers.add_parser(
+        "payment-setup", help="start collecting a card: a Stripe SetupIntent for the browser"
+    )
+    setup.add_argument("customer", type=identifier, metavar="CUSTOMER")
+    add_format(setup, csv=False)
+    setup.set_defaults(run=payment_setup_command)
 
 
 def add_credits(nouns: argparse._SubParsersAction[Parser]) -> None:
@@ -91,6 +97,29 @@ async def configure_customer(settings: Settings, args: argparse.Namespace) -> in
     finally:
         await conn.close()
     emit_object(dict(row.items()), args.format, title=f"customer {args.customer}")
+    return 0
+
+
+async def payment_setup_command(settings: Settings, args: argparse.Namespace) -> int:
+    """The Stripe customer (created and linked when missing) and a SetupIntent whose client
+    secret the browser confirms the card with (``stripe.confirmSetup``)."""
+    import stripe
+
+    from workers.ops.payment_setup import payment_setup
+    from workers.stripe_gateway import StripeGateway
+
+    pool = await db.create_pool(settings.dsn, min_size=1, max_size=2)
+    gateway = StripeGateway(settings, Metrics())
+    try:
+        started = await payment_setup(pool, gateway, args.customer)
+    except stripe.StripeError as exc:
+        raise ChargelineError(
+            f"Stripe refused the setup: {exc.code or type(exc).__name__}: {exc.user_message}"
+        ) from None
+    finally:
+        await gateway.close()
+        await pool.close()
+    emit_object(started, args.format, title=f"payment setup for {args.customer}")
     return 0
 
 

@@ -31,6 +31,7 @@ LIMIT $9;
 SELECT c.balance, c.low_balance_threshold,
        coalesce(c.auto_reload_enabled, false) AS auto_reload_enabled,
        c.reload_threshold, c.reload_tokens, c.reload_price, c.reload_currency,
+       c.payment_method_type, c.payment_method_brand, c.payment_method_last4,
        g.reference, g.tokens, g.remaining, g.expires_at, g.source, g.effective_at, g.priority,
        trim_scale(g.cost_basis)::text AS cost_basis, g.currency, g.status, g.description
 FROM (SELECT $1::text AS customer_ref) k

@@ -16,3 +16,15 @@ ON CONFLICT (customer_ref) DO UPDATE SET
     updated_at            = now()
 RETURNING customer_ref, balance, stripe_customer_id, auto_reload_enabled, reload_threshold,
           reload_tokens, reload_price, reload_currency, reload_failures, low_balance_threshold;
+
+-- name: customer_stripe_id
+SELECT stripe_customer_id FROM customers WHERE customer_ref = $1;
+
+-- name: customer_link_stripe
+-- Link a Stripe customer to ours, creating our row when the customer has no event yet. A
+-- link made first (by a concurrent setup, or by hand) is kept: the answer is the one in force.
+INSERT INTO customers (customer_ref, stripe_customer_id) VALUES ($1, $2)
+ON CONFLICT (customer_ref) DO UPDATE
+SET stripe_customer_id = coalesce(customers.stripe_customer_id, EXCLUDED.stripe_customer_id),
+    updated_at = now()
+RETURNING stripe_customer_id;
