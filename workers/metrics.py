@@ -184,6 +184,13 @@ class Metrics:
             ["call", "error"],
             registry=r,
         )
+        self.stripe_webhook_events = Counter(
+            "chargeline_stripe_webhook_events",
+            "Stripe's events at the webhook endpoint (recorded, duplicate, bad_signature, "
+            "...) and as the reloads worker handled them, by type (unhandled types: other).",
+            ["type", "outcome"],
+            registry=r,
+        )
         self.verify_violations = Gauge(
             "chargeline_verify_violations",
             "Rows breaking each invariant of SPEC section 9 at the last verify (0: none).",

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr = SecretStr("sk_test_chargeline")
     stripe_api_base: str | None = None
     stripe_timeout_s: float = Field(default=30.0, gt=0, description="Per Stripe API call.")
+    stripe_webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="The signing secret (whsec_...) of the endpoint Stripe sends events to "
+        "(POST /v1/stripe/webhooks); without it the endpoint answers 503.",
+    )
 
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="0 disables /metrics.")
     metrics_host: str = "0.0.0.0"  # noqa: S104 -- a worker's metrics must be scrapable from outside its pod.

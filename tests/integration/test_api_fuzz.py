@@ -51,7 +51,8 @@ def api(settings: Settings) -> Iterator[tuple[str, str]]:
     key = asyncio.run(make_key())
     port = free_port()
     env = {**os.environ, **settings_env(settings), "CHARGELINE_API_PORT": str(port),
-           "CHARGELINE_API_HOST": "127.0.0.1", "CHARGELINE_LOG_FORMAT": "console"}  # fmt: skip
+           "CHARGELINE_API_HOST": "127.0.0.1", "CHARGELINE_LOG_FORMAT": "console",
+           "CHARGELINE_STRIPE_WEBHOOK_SECRET": "whsec_fuzz"}  # fmt: skip
     process = subprocess.Popen(
         [sys.executable, "-m", "workers.cli.main", "api"], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -33,6 +33,7 @@ from schemas.currency import minor_unit_exponent
 from schemas.events import CreditGrantEvent, canonical_json
 from workers import db, stripe_gateway
 from workers.db import Pool, Row, fetch_one
+from workers.jobs.stripe_events import StripeEventHandler
 from workers.ledger.rules import ALERT_NAMESPACE, Alert, AlertKind, Grant
 from workers.ledger.store import load_ledger, record_alerts, write_ledger
 from workers.lifecycle import PeriodicWorker
@@ -90,9 +91,7 @@ class ReloadProcessor:
         reload_id = str(request["reload_id"])
         bound = log.bind(reload_id=reload_id, customer_ref=request["customer_ref"])
         if not request["stripe_customer_id"]:
-            return await self._failed(
-                request, None, "no_stripe_customer", "customer has no Stripe id"
-            )
+            return await self.fail(request, None, "no_stripe_customer", "customer has no Stripe id")
         # Once a create has been sent, its answer may be lost (a timeout) while Stripe did
         # charge: from then on every try looks for the intent before creating one.
         sent = [request["attempts"] > 1 or bool(request["payment_intent_id"])]
@@ -110,26 +109,48 @@ class ReloadProcessor:
         except stripe.CardError as exc:
             intent_id = _intent_id_of(exc)
             bound.info("reload_declined", code=exc.code, payment_intent=intent_id)
-            return await self._failed(
+            return await self.fail(
                 request, intent_id, exc.code or "card_declined", exc.user_message
             )
         except NoPaymentMethod:
-            return await self._failed(
+            return await self.fail(
                 request, None, "no_default_payment_method", "no default payment method"
             )
         except stripe.StripeError as exc:
             bound.warning("reload_error", error=type(exc).__name__, code=exc.code)
-            return await self._failed(
-                request, None, exc.code or type(exc).__name__, exc.user_message
-            )
+            return await self.fail(request, None, exc.code or type(exc).__name__, exc.user_message)
+        if intent["status"] == "processing":  # Stripe's payment_intent.* event settles it
+            bound.info("reload_processing", payment_intent=intent["id"])
+            return Outcome(reload_id, "retry_later", payment_intent_id=intent["id"])
+        if intent["status"] == "requires_action":
+            # The card wants its holder (3-D Secure), who is not there: never granted. The
+            # intent is cancelled so that it cannot succeed after the reload has failed.
+            await self._cancel(intent["id"], stopping)
+            return await self.fail(
+                request, intent["id"], "authentication_required",
+                "the card needs the customer to authenticate the payment",
+            )  # fmt: skip
         if intent["status"] != "succeeded":
             error = intent.get("last_payment_error") or {}
-            return await self._failed(
+            return await self.fail(
                 request, intent["id"], error.get("code") or intent["status"], error.get("message")
             )
-        await self._succeeded(request, intent["id"])
+        await self.succeed(request, intent["id"])
         bound.info("reload_succeeded", payment_intent=intent["id"], tokens=request["tokens"])
         return Outcome(reload_id, "succeeded", payment_intent_id=intent["id"])
+
+    async def _cancel(self, intent_id: str, stopping: asyncio.Event | None) -> None:
+        try:
+            await retry_transient(
+                lambda: self.gateway.cancel_payment_intent(intent_id),
+                is_transient=stripe_gateway.is_transient,
+                component="stripe",
+                settings=self.settings,
+                metrics=self.metrics,
+                stopping=stopping,
+            )
+        except (Stopping, stripe.StripeError) as exc:  # already cancelled, or stopping
+            log.warning("payment_intent_not_cancelled", payment_intent=intent_id, error=repr(exc))
 
     async def _charge(self, request: Row, sent: list[bool]) -> Any:
         reload_id = str(request["reload_id"])
@@ -151,7 +172,7 @@ class ReloadProcessor:
             customer_ref=request["customer_ref"],
         )
 
-    async def _succeeded(self, request: Row, intent_id: str) -> None:
+    async def succeed(self, request: Row, intent_id: str) -> None:
         customer_ref = request["customer_ref"]
         source = "auto_reload" if request["kind"] == "auto" else "manual"
         basis = cost_basis(request["price"], request["currency"], request["tokens"])
@@ -214,15 +235,17 @@ class ReloadProcessor:
         for alert in ledger.changes.alerts:
             self.metrics.alerts.labels(type=alert.type).inc()
 
-    async def _failed(
+    async def fail(
         self, request: Row, intent_id: str | None, code: str, message: str | None
     ) -> Outcome:
         reload_id = str(request["reload_id"])
         alerts: list[Alert] = []
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
+            failed = await conn.fetchval(
                 db.QUERIES["reload_failed"], request["reload_id"], intent_id, code, message
             )
+            if failed is None:  # concluded already (by a Stripe event, or the worker)
+                return Outcome(reload_id, "failed", intent_id, code, message)
             if request["kind"] == "auto":
                 row = await fetch_one(
                     conn,
@@ -295,23 +318,27 @@ def _intent_id_of(exc: stripe.CardError) -> str | None:
 
 
 class ReloadWorker(PeriodicWorker):
-    """Claims open reload requests and processes them, one at a time per worker."""
+    """Handles the Stripe events the API recorded, then claims open reload requests and
+    processes them, one at a time per worker."""
 
     name = "reloads"
 
     def __init__(self, settings: Settings, pool: Pool, metrics: Metrics) -> None:
         super().__init__(settings, metrics)
         self.processor = ReloadProcessor(settings, pool, metrics)
+        self.events = StripeEventHandler(settings, pool, metrics, self.processor)
 
     @property
     def interval_s(self) -> float:
         return self.settings.reload_interval_s
 
     async def tick(self) -> bool:
+        # Stripe's events first: one may settle a request this round would otherwise retry.
+        events = await self.retry(self.events.handle_recorded)
         requests = await self.retry(lambda: self.processor.claim(10))
         for request in requests:
             await self.processor.process(request, stopping=self.stopping)
-        return bool(requests)
+        return bool(requests) or events > 0
 
     async def close(self) -> None:
         await self.processor.gateway.close()

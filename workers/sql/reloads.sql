@@ -39,10 +39,22 @@ SET status = 'succeeded', payment_intent_id = $2, grant_reference = $2, claimed_
 WHERE reload_id = $1;
 
 -- name: reload_failed
+-- Only an open request fails, once: the worker and a payment_intent.payment_failed event
+-- may both conclude it, and the failure must count once toward disabling auto-reload.
 UPDATE reload_requests
 SET status = 'failed', payment_intent_id = coalesce($2, payment_intent_id), stripe_code = $3,
     stripe_message = $4, claimed_until = NULL, updated_at = now()
-WHERE reload_id = $1;
+WHERE reload_id = $1 AND status IN ('requested', 'charging')
+RETURNING reload_id;
+
+-- name: reload_open
+-- An open request as claim_reloads returns it, without claiming it: what a Stripe event
+-- settles (a lease held by a worker waiting on Stripe does not stop it; both settling is
+-- harmless, see the reloads worker).
+SELECT r.reload_id, r.customer_ref, r.kind, r.tokens, r.price, r.currency, r.attempts,
+       r.payment_intent_id, r.cause_reference, c.stripe_customer_id, c.reload_threshold
+FROM reload_requests r JOIN customers c USING (customer_ref)
+WHERE r.reload_id = $1 AND r.status IN ('requested', 'charging');
 
 -- name: reload_count_failure
 -- Consecutive failures of automatic reloads; the third turns auto-reload off.
