@@ -6,11 +6,13 @@ reload left open is settled from its PaymentIntent's event, granted once."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -92,12 +94,25 @@ async def test_a_card_set_up_through_the_api_is_charged_by_a_later_reload(
     settings = webhooks(settings)
     await setup_pipeline(settings, partitions=1)
     key = new_key(settings, "billing", "read")["key"]
-    async with api_server(settings) as base, aiohttp.ClientSession() as session:
+    async with (
+        api_server(settings) as base,
+        aiohttp.ClientSession() as session,
+        stand_in_sends_webhooks(settings, f"{base}/v1/stripe/webhooks", ["customer.created"]),
+    ):
         status, doc, _ = await call(
             session, "POST", f"{base}/v1/customers/c1/payment-setup", key=key
         )
         assert status == 200, doc
         setup = doc["data"]
+
+        async def created_event_recorded() -> bool:  # signed and sent by the stand-in itself
+            return bool(
+                await fetchval(
+                    settings, "SELECT count(*) FROM stripe_events WHERE type = 'customer.created'"
+                )
+            )
+
+        await wait_for(created_event_recorded, what="the stand-in's customer.created")
         assert setup["customer_ref"] == "c1"
         assert setup["stripe_customer"].startswith("cus_")
         assert setup["setup_intent"].startswith("seti_")
@@ -159,11 +174,16 @@ async def test_a_card_set_up_through_the_api_is_charged_by_a_later_reload(
         (500, "succeeded", method.id)
     ]
     assert await fetchval(settings, "SELECT count(*) FROM grants WHERE source = 'auto_reload'") == 1
-    stored = await fetch(settings, "SELECT type, object_id, data::text AS data FROM stripe_events")
-    assert [(row["type"], row["object_id"]) for row in stored] == [
-        ("setup_intent.succeeded", setup["setup_intent"])
+    stored = await fetch(
+        settings,
+        "SELECT type, object_id, outcome, data::text AS data FROM stripe_events "
+        "ORDER BY received_at",
+    )
+    assert [(row["type"], row["object_id"], row["outcome"]) for row in stored] == [
+        ("customer.created", setup["stripe_customer"], "linked"),
+        ("setup_intent.succeeded", setup["setup_intent"], "default_payment_method_set"),
     ]
-    assert setup["client_secret"] not in stored[0]["data"]
+    assert all(setup["client_secret"] not in row["data"] for row in stored)
     await assert_invariants(settings)
 
 
@@ -319,6 +339,23 @@ async def test_payment_setup_from_the_command_line(settings: Settings) -> None:
     )
     done = cli(settings, "customers", "payment-setup", "")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@contextlib.asynccontextmanager
+async def stand_in_sends_webhooks(
+    settings: Settings, url: str, events: list[str]
+) -> AsyncIterator[None]:
+    """The Stripe stand-in signs ``events`` with SECRET and posts them to ``url`` (its
+    ``/_config/webhooks``), until the block ends."""
+    config = f"{settings.stripe_api_base}/_config/webhooks/chargeline-test"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(config, json={"url": url, "secret": SECRET, "events": events}):
+            pass
+        try:
+            yield
+        finally:
+            async with session.post(config, json={"url": url, "secret": SECRET, "events": []}):
+                pass
 
 
 async def _pool(settings: Settings) -> Any:
