@@ -151,9 +151,9 @@ async def test_a_card_set_up_through_the_api_is_charged_by_a_later_reload(
         assert status == 200, doc
 
     async with stripe_client(settings) as client:
-        customer = await client.v1.customers.retrieve_async(setup["stripe_customer"])
-        assert customer.invoice_settings.default_payment_method == method.id
-        assert customer.metadata["customer_ref"] == "c1"
+        customer = (await client.v1.customers.retrieve_async(setup["stripe_customer"])).to_dict()
+        assert customer["invoice_settings"]["default_payment_method"] == method.id
+        assert customer["metadata"]["customer_ref"] == "c1"
     async with running_worker(settings) as process:
         await produce(
             settings, settings.topic_usage,
