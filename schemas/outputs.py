@@ -86,12 +86,19 @@ class AlertEvent(_Output):
     )
 
 
-PayoutStatus = Literal["pending", "sent", "failed", "recorded"]
+PayoutStatus = Literal["pending", "sent", "failed", "recorded", "cancelled"]
+
+# The Kafka header of every billing.payouts record: the payout's revision, in ASCII digits.
+# 1 for the record of the cut that closed it, + 1 for each status change after it, so
+# (payout_id, revision) identifies a record; the status alone repeats when a retried payout
+# fails again.
+HEADER_PAYOUT_REVISION = "chargeline.payout.revision"
 
 
 class PayoutEvent(_Output):
     """A closed payout: every recorded charge of one payee and currency not yet paid out,
-    recorded before ``period_end`` (topic ``billing.payouts``, key ``payee_ref``)."""
+    recorded before ``period_end`` (topic ``billing.payouts``, key ``payee_ref``). Published
+    when a cut closes it and again at each change of its ``status``, with its new status."""
 
     type: Literal["payout"] = "payout"
     payout_id: str
@@ -101,7 +108,13 @@ class PayoutEvent(_Output):
     period_end: UtcMillis
     charge_count: int = Field(ge=0)
     amount: int = Field(ge=0, description="Sum of the charges, in the currency's minor units.")
-    status: PayoutStatus
+    status: PayoutStatus = Field(
+        description=(
+            "recorded (paid outside chargeline), or for a Stripe payee pending, sent or failed;"
+            " cancelled: given up by an operator, its charges released to the next payout"
+            " (charge_count and amount say what it held)."
+        )
+    )
     created_at: UtcMillis
 
     @model_validator(mode="after")

@@ -18,12 +18,15 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import asyncpg
 import stripe
+from aiohttp import web
 from stripe.params import PayoutListParams
 
-from schemas.outputs import PayoutEvent
+from schemas.outputs import HEADER_PAYOUT_REVISION, PayoutEvent
 from tests.support import (
+    assert_invariants,
     assert_one_line_error,
     charge,
     cli,
@@ -49,6 +52,7 @@ from workers.jobs.payouts import (
     METADATA_PAYOUT_ID,
     PayoutWorker,
     StripePayouts,
+    change_status,
     cut_payouts,
     period_floor,
 )
@@ -732,3 +736,332 @@ async def test_payout_commands_refuse_bad_requests_in_one_line(settings: Setting
     assert ok_json(settings, "payees", "list") == [
         {"payee_ref": "north", "stripe_account": None, "stripe_payouts": False, "flows": 1}
     ]
+
+
+# --- an operator finishes a payout: retry, cancel, and every status change published ---
+
+
+class StripeRefuses:
+    """A proxy to the Stripe stand-in that answers some calls itself with a Stripe error (as
+    Stripe would: status and JSON body, parsed by the SDK) and passes the others on.
+    ``refusals`` maps (method, path) to (HTTP status, Stripe's error object)."""
+
+    def __init__(self, upstream: str, refusals: dict[tuple[str, str], tuple[int, Any]]) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.refusals = refusals
+        self.refused = 0
+
+    async def __aenter__(self) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.session = aiohttp.ClientSession()
+        host, port = self.runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+        await self.runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        refusal = self.refusals.get((request.method, request.path))
+        if refusal is not None:
+            self.refused += 1
+            return web.json_response({"error": refusal[1]}, status=refusal[0])
+        passed = {
+            name: value
+            for name, value in request.headers.items()
+            if name.lower() not in ("host", "content-length", "transfer-encoding")
+        }
+        async with self.session.request(
+            request.method,
+            self.upstream + request.path_qs,
+            headers=passed,
+            data=await request.read(),
+        ) as answer:
+            return web.Response(
+                status=answer.status,
+                body=await answer.read(),
+                content_type=answer.content_type,
+            )
+
+
+NO_FUNDS = (
+    400,
+    {
+        "type": "invalid_request_error",
+        "code": "balance_insufficient",
+        "message": "You have insufficient funds in your Stripe account.",
+    },
+)
+NO_ACCESS = (
+    403,
+    {
+        "type": "invalid_request_error",
+        "message": "The provided key does not have access to account 'acct_1Studio'.",
+    },
+)
+
+
+async def send_through(
+    settings: Settings, refusals: dict[tuple[str, str], tuple[int, Any]]
+) -> Counter[str]:
+    """One sender's turn (``send_pending``, as the worker's) against a Stripe refusing some calls."""
+    async with StripeRefuses(settings.stripe_api_base or "", refusals) as proxy_url:
+        refusing = settings.model_copy(update={"stripe_api_base": proxy_url})
+        pool = await db.create_pool(settings.dsn, min_size=1, max_size=2)
+        sender = StripePayouts(refusing, Metrics())
+        try:
+            return await sender.send_pending(pool)
+        finally:
+            await sender.close()
+            await pool.close()
+
+
+async def stripe_payout_cut(settings: Settings, charges: int) -> dict[str, Any]:
+    """A Stripe payee of this test's own and ``charges`` EUR charges of it, cut: its payout."""
+    payee = stripe_payee()
+    await create_flows(settings, [("flow_s", payee)])
+    await configure_stripe_payee(settings, payee)
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        await insert_charges(conn, "flow_s", charges)
+        payouts: list[dict[str, Any]] = (await cut(conn, settings)).payouts
+    finally:
+        await conn.close()
+    (payout,) = payouts
+    assert payout["status"] == "pending"
+    return payout
+
+
+async def published_changes(settings: Settings, expected: int) -> dict[str, list[tuple[str, int]]]:
+    """Publish the outbox (a relay in this process), then read billing.payouts: per payout, its
+    (status, revision header) in topic order; every record keyed by its payee."""
+    async with running_worker(settings, "outbox"):
+        await wait_for(functools.partial(outbox_empty, settings), timeout=30, what="published")
+    messages = await consume_all(settings, settings.topic_payouts, expected=expected)
+    assert len(messages) == expected
+    changes: dict[str, list[tuple[str, int]]] = {}
+    for message in sorted(messages, key=lambda m: (m.partition, m.offset)):
+        event = PayoutEvent.model_validate_json(message.value)
+        assert message.key == event.payee_ref.encode()
+        (revision,) = [v for k, v in message.headers if k == HEADER_PAYOUT_REVISION]
+        changes.setdefault(event.payout_id, []).append((event.status, int(revision)))
+    return changes
+
+
+async def test_a_failed_payout_retried_is_found_at_stripe_not_created_again(
+    settings: Settings,
+) -> None:
+    await setup_pipeline(settings, partitions=3)
+    payout = await stripe_payout_cut(settings, 8)
+    payout_id = payout["payout_id"]
+    # A sender records its attempt, Stripe creates the payout, and the sender dies before it
+    # can mark it sent (as in the test above).
+    conn = await asyncpg.connect(settings.dsn)
+    sender = StripePayouts(settings, Metrics())
+    try:
+        row = await conn.fetchrow(db.QUERIES["payouts_to_send"], 10)
+        assert await sender.start_attempt(conn, payout_id) == 0
+        created = await sender.submit(dict(row.items()), earlier_attempts=0)
+    finally:
+        await sender.close()
+        await conn.close()
+    # The next sender may not look payouts up at Stripe: it marks the payout failed, though
+    # Stripe holds it.
+    refused = {("GET", "/v1/payouts"): NO_ACCESS}
+    assert await send_through(settings, refused) == Counter(failed=1)
+    assert [p.id for p in await stand_in_payouts(settings, payout_id)] == [created.id]
+
+    # Cancelling it would pay its charges twice: refused, nothing changed.
+    assert_one_line_error(
+        cli(settings, "payouts", "cancel", payout_id),
+        code=1,
+        mentions=f"Stripe holds it as {created.id}",
+    )
+    assert await unpaid(settings) == 0
+    # Retried: its earlier attempts make the send look first; it finds the payout and
+    # records it as sent.
+    retried = ok_json(settings, "payouts", "retry", payout_id)
+    assert (retried["status"], retried["stripe_payout_id"], retried["stripe_attempts"]) == (
+        "sent",
+        created.id,
+        3,
+    )
+    assert [p.id for p in await stand_in_payouts(settings, payout_id)] == [created.id]
+    assert_one_line_error(
+        cli(settings, "payouts", "retry", payout_id), code=2, mentions="is sent, not failed"
+    )
+    assert await published_changes(settings, expected=4) == {
+        payout_id: [("pending", 1), ("failed", 2), ("pending", 3), ("sent", 4)]
+    }
+    assert await payout_violations(settings) == []
+
+
+async def test_a_retry_that_dies_after_stripe_created_the_payout_never_creates_a_second(
+    settings: Settings,
+) -> None:
+    await setup_pipeline(settings, partitions=3)
+    payout = await stripe_payout_cut(settings, 5)
+    payout_id = payout["payout_id"]
+    # Stripe refuses it: not enough funds.
+    assert await send_through(settings, {("POST", "/v1/payouts"): NO_FUNDS}) == Counter(failed=1)
+    stored = ok_json(settings, "payouts", "show", payout_id)
+    assert (stored["status"], stored["failure_code"], stored["stripe_attempts"]) == (
+        "failed",
+        "balance_insufficient",
+        1,
+    )
+    assert await stand_in_payouts(settings, payout_id) == []
+    # `payouts retry` puts it back to pending, records its attempt, Stripe creates the payout,
+    # and the command dies before it can mark it sent: the steps of retry_payout, cut short.
+    conn = await asyncpg.connect(settings.dsn)
+    sender = StripePayouts(settings, Metrics())
+    try:
+        reopened = await change_status(conn, "payout_reopen", payout_id, topic=sender.topic)
+        assert reopened is not None
+        assert (reopened["status"], reopened["stripe_attempts"]) == ("pending", 1)
+        earlier = await sender.start_attempt(conn, payout_id)
+        assert earlier == 1
+        created = await sender.submit(reopened, earlier_attempts=earlier)
+    finally:
+        await sender.close()
+        await conn.close()
+    assert [p.id for p in await stand_in_payouts(settings, payout_id)] == [created.id]
+    # Pending again: no longer the operator's to retry, but the senders'.
+    assert_one_line_error(
+        cli(settings, "payouts", "retry", payout_id), code=2, mentions="is pending, not failed"
+    )
+    assert_one_line_error(
+        cli(settings, "payouts", "cancel", payout_id), code=2, mentions="Stripe attempt(s) started"
+    )
+    # The next send finds the payout instead of creating a second one.
+    assert ok_json(settings, "payouts", "send") == {"sent": 1, "failed": 0, "skipped": 0}
+    at_stripe = await stand_in_payouts(settings, payout_id)
+    assert [(p.id, p.amount) for p in at_stripe] == [(created.id, payout["amount"])]
+    stored = ok_json(settings, "payouts", "show", payout_id)
+    assert (stored["status"], stored["stripe_payout_id"], stored["stripe_attempts"]) == (
+        "sent",
+        created.id,
+        3,
+    )
+    assert stored["failure_code"] is None
+    assert await published_changes(settings, expected=4) == {
+        payout_id: [("pending", 1), ("failed", 2), ("pending", 3), ("sent", 4)]
+    }
+
+
+async def test_a_cancelled_payout_releases_its_charges_to_the_next_cut(settings: Settings) -> None:
+    await setup_pipeline(settings, partitions=3)
+    payee = stripe_payee()
+    await create_flows(settings, [("flow_s", payee)])
+    await configure_stripe_payee(settings, payee)
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        usd = await insert_charges(conn, "flow_s", 4, currency="USD")
+        eur = await insert_charges(conn, "flow_s", 3, currency="EUR")
+        first = {p["currency"]: p for p in (await cut(conn, settings)).payouts}
+    finally:
+        await conn.close()
+    usd_id, eur_id = first["USD"]["payout_id"], first["EUR"]["payout_id"]
+    # Pending and never attempted: nothing can be at Stripe, so it may be cancelled too.
+    cancelled_eur = ok_json(settings, "payouts", "cancel", eur_id)
+    assert (cancelled_eur["status"], cancelled_eur["charge_count"], cancelled_eur["amount"]) == (
+        "cancelled",
+        3,
+        eur,
+    )
+    # The stand-in refuses USD payouts: failed, then failed again when retried.
+    assert ok_json(settings, "payouts", "send") == {"sent": 0, "failed": 1, "skipped": 0}
+    assert_one_line_error(
+        cli(settings, "payouts", "retry", usd_id),
+        code=1,
+        mentions="failed again: Stripe refused it (invalid_request_error: Bad request)",
+    )
+    assert ok_json(settings, "payouts", "show", usd_id)["stripe_attempts"] == 2
+    # Cancelled: its charges are released, in the same transaction.
+    cancelled = ok_json(settings, "payouts", "cancel", usd_id)
+    assert (cancelled["status"], cancelled["charge_count"], cancelled["amount"]) == (
+        "cancelled",
+        4,
+        usd,
+    )
+    assert cancelled["cancelled_at"] is not None
+    assert await unpaid(settings) == 7
+    assert await fetchval(settings, "SELECT count(*) FROM charges WHERE status = 'paid_out'") == 0
+    assert ok_json(settings, "payouts", "show", usd_id)["charges"] == []
+    listed = ok_json(settings, "payouts", "list", "--status", "cancelled")
+    assert [p["payout_id"] for p in listed] == [eur_id, usd_id]
+    # A cancelled payout keeps what it held, and verify holds it to having no charge.
+    await assert_invariants(settings)
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        await conn.execute(
+            "UPDATE charges SET status = 'paid_out', payout_id = $1 "
+            "WHERE charge_id = (SELECT min(charge_id) FROM charges WHERE currency = 'USD')",
+            usd_id,
+        )
+        assert [v["payout_id"] for v in await payout_violations(settings)] == [usd_id]
+        await conn.execute(
+            "UPDATE charges SET status = 'recorded', payout_id = NULL WHERE payout_id = $1", usd_id
+        )
+    finally:
+        await conn.close()
+    assert_one_line_error(
+        cli(settings, "payouts", "cancel", usd_id),
+        code=2,
+        mentions="is cancelled: already cancelled",
+    )
+    assert_one_line_error(
+        cli(settings, "payouts", "retry", usd_id), code=2, mentions="is cancelled, not failed"
+    )
+
+    # Paid outside Stripe from now on; the next cut takes the released charges, its payouts
+    # taking over the cancelled ones' periods.
+    ok_json(settings, "payees", "configure", payee, "--stripe-payouts", "off")
+    await asyncio.sleep(0.002)  # the cut's millisecond is after the charges' (see cut())
+    second = {p["currency"]: p for p in ok_json(settings, "payouts", "run")}
+    assert {c: (p["charge_count"], p["amount"], p["status"]) for c, p in second.items()} == {
+        "USD": (4, usd, "recorded"),
+        "EUR": (3, eur, "recorded"),
+    }
+    for currency, payout in second.items():
+        assert at(payout["period_start"]) == first[currency]["period_start"]
+    assert await unpaid(settings) == 0
+    await assert_invariants(settings)
+    assert await published_changes(settings, expected=9) == {
+        eur_id: [("pending", 1), ("cancelled", 2)],
+        usd_id: [("pending", 1), ("failed", 2), ("pending", 3), ("failed", 4), ("cancelled", 5)],
+        second["EUR"]["payout_id"]: [("recorded", 1)],
+        second["USD"]["payout_id"]: [("recorded", 1)],
+    }
+
+
+async def test_retry_and_cancel_refuse_what_they_cannot_do_in_one_line(settings: Settings) -> None:
+    await create_flows(settings, [("flow_a", "north")])
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        await insert_charges(conn, "flow_a", 2)
+        (recorded,) = (await cut(conn, settings)).payouts
+    finally:
+        await conn.close()
+    for action in ("retry", "cancel"):
+        assert_one_line_error(
+            cli(settings, "payouts", action, "po_nope"), code=1, mentions="no payout 'po_nope'"
+        )
+        assert_one_line_error(cli(settings, "payouts", action), code=2, mentions="required: ID")
+    assert_one_line_error(
+        cli(settings, "payouts", "retry", recorded["payout_id"]),
+        code=2,
+        mentions="is recorded, not failed: its payee is paid outside chargeline",
+    )
+    assert_one_line_error(
+        cli(settings, "payouts", "cancel", recorded["payout_id"]),
+        code=2,
+        mentions="is recorded: its payee is paid outside chargeline",
+    )
+    assert ok_json(settings, "payouts", "show", recorded["payout_id"])["status"] == "recorded"
+    assert await fetchval(settings, "SELECT count(*) FROM outbox") == 1  # the cut's only

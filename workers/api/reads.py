@@ -114,7 +114,9 @@ async def list_payouts(
     page: Paging,
     payee_ref: Annotated[str | None, filter_param("only this payee's payouts")] = None,
     currency: Annotated[str | None, Query(pattern="^[A-Za-z]{3}$")] = None,
-    status: Annotated[Literal["recorded", "pending", "sent", "failed"] | None, Query()] = None,
+    status: Annotated[
+        Literal["recorded", "pending", "sent", "failed", "cancelled"] | None, Query()
+    ] = None,
 ) -> Response:
     key = decode_cursor(page.cursor, "payouts", int, str, str)
     after, payee, after_currency = (None, None, None) if key is None else key

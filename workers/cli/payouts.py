@@ -1,4 +1,4 @@
-"""``chargeline payouts run|list|show|send`` and ``payees configure|list``.
+"""``chargeline payouts run|list|show|send|retry|cancel`` and ``payees configure|list``.
 
 Payout fields (SPEC.md section 8):
 ``payout_id, payee_ref, currency, period_start, period_end, charge_count, amount, status``.
@@ -21,7 +21,9 @@ from workers.cli.output import emit_object, emit_rows
 from workers.errors import ChargelineError, NotFoundError, UsageError
 from workers.jobs.payouts import (
     StripePayouts,
+    cancel_payout,
     cut_payouts,
+    retry_payout,
     rfc3339,
     stripe_is_transient,
 )
@@ -51,7 +53,7 @@ PAYOUT_CHARGE_COLUMNS = [
 ]
 PAYEE_COLUMNS = ["payee_ref", "stripe_account", "stripe_payouts", "flows"]
 FLOW_COLUMNS = ["flow_id", "name", "payee_ref", "status", "last_charge_at", "charge_count"]
-PAYOUT_STATUSES = ("recorded", "pending", "sent", "failed")
+PAYOUT_STATUSES = ("recorded", "pending", "sent", "failed", "cancelled")
 
 
 def add_payouts(nouns: argparse._SubParsersAction[Parser]) -> None:
@@ -80,6 +82,20 @@ def add_payouts(nouns: argparse._SubParsersAction[Parser]) -> None:
     send = payouts.add_parser("send", help="send pending payouts to Stripe now")
     add_format(send)
     send.set_defaults(run=payouts_send)
+    retry = payouts.add_parser(
+        "retry", help="send a failed Stripe payout again, now, and show the outcome"
+    )
+    retry.add_argument("payout_id", metavar="ID")
+    add_format(retry)
+    retry.set_defaults(run=payouts_retry)
+    cancel = payouts.add_parser(
+        "cancel",
+        help="cancel a failed payout (or a pending one never attempted); "
+        "its charges go into the next cut",
+    )
+    cancel.add_argument("payout_id", metavar="ID")
+    add_format(cancel)
+    cancel.set_defaults(run=payouts_cancel)
 
 
 def add_payees(nouns: argparse._SubParsersAction[Parser]) -> None:
@@ -204,6 +220,57 @@ async def payouts_send(settings: Settings, args: argparse.Namespace) -> int:
         args.format,
         title="Stripe payouts",
     )
+    return 0
+
+
+class PayoutFailedAgain(ChargelineError):
+    """Stripe refused the payout again."""
+
+
+async def payouts_retry(settings: Settings, args: argparse.Namespace) -> int:
+    """Sent at once, in this command, through the sender's own path (``send_one``), so the
+    operator sees the outcome: the payout when sent; one line and exit 1 when Stripe refused
+    it again (it is failed again) or could not be reached (it stays pending for the worker)."""
+    metrics = Metrics()
+    conn = await connect(settings)
+    sender = StripePayouts(settings, metrics)
+    try:
+        payout = await retry_payout(
+            conn, sender, args.payout_id, settings=settings, metrics=metrics
+        )
+    finally:
+        await sender.close()
+        await conn.close()
+    if payout["status"] == "failed":
+        raise PayoutFailedAgain(
+            f"payout {args.payout_id!r} failed again: Stripe refused it "
+            f"({payout['failure_code']}: {payout['failure_message']}); "
+            "retry once the cause is fixed, or cancel it"
+        )
+    if payout["status"] != "sent":
+        raise PayoutFailedAgain(f"payout {args.payout_id!r} is {payout['status']}, not sent")
+    emit_object(payout, args.format, title=f"payout {payout['payout_id']} sent")
+    return 0
+
+
+async def payouts_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    metrics = Metrics()
+    conn = await connect(settings)
+    sender = StripePayouts(settings, metrics)
+    try:
+        payout = await cancel_payout(
+            conn, sender, args.payout_id, settings=settings, metrics=metrics
+        )
+    finally:
+        await sender.close()
+        await conn.close()
+    emit_object(payout, args.format, title=f"payout {payout['payout_id']} cancelled")
+    if args.format == "table":
+        print(
+            f"{payout['charge_count']} charge(s), {payout['amount']} {payout['currency']}, "
+            "released: the next cut pays them out",
+            file=sys.stderr,
+        )
     return 0
 
 

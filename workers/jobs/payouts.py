@@ -19,11 +19,24 @@ that may have reached Stripe (a crash, a lost response) is never repeated blindl
 attempt first looks for a Stripe Payout carrying the payout id, so each payout is created at
 most once even where Stripe's idempotency keys do not help (expired after 24 hours; ignored
 by the local stand-in).
+
+An operator finishes a failed payout (``chargeline payouts retry|cancel``): ``retry_payout``
+puts it back to ``pending`` and sends it at once through ``send_one``, so the same rules hold
+(its earlier attempts make the send look the Stripe Payout up first); ``cancel_payout``
+cancels it and releases its charges, in one transaction, for the next cut. Both take the
+senders' lock, so neither runs while a sender has the payout with Stripe.
+
+Every status change (sent, failed, pending again, cancelled) writes a ``billing.payouts``
+outbox row in its own transaction, as the cut does for a new payout: the same ``PayoutEvent``
+with the new status, keyed by payee, with the payout's revision in a header.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -31,14 +44,15 @@ from typing import Any, Literal, TypeVar
 import stripe
 from stripe.params import PayoutCreateParams, PayoutListParams
 
-from schemas.outputs import PayoutEvent
+from schemas.outputs import HEADER_PAYOUT_REVISION, PayoutEvent
 from workers import db, stripe_gateway
 from workers.db import Connection, Pool, fetch_one
-from workers.errors import ChargelineError, UsageError
+from workers.errors import ChargelineError, NotFoundError, UsageError
+from workers.kafka import encode_headers
 from workers.lifecycle import PeriodicWorker
 from workers.logs import get_logger
 from workers.metrics import Metrics
-from workers.retry import Stopping
+from workers.retry import Stopping, retry_transient
 from workers.settings import Settings
 from workers.stripe_gateway import StripeGateway
 
@@ -55,6 +69,10 @@ _SEND_PAGE = 100
 _STRIPE_SEND_ATTEMPTS = 5  # per worker tick; the next tick tries again
 _LOOKUP_PAGE = 100
 _LOOKUP_MAX_PAGES = 100
+_OPERATOR_STRIPE_ATTEMPTS = 5  # `payouts retry|cancel`: Stripe outages retried this often
+_SEND_TURN_WAIT_S = 30.0  # `payouts retry|cancel` wait this long for the senders' lock
+_SEND_TURN_POLL_S = 0.05
+CUT_REVISION = 1  # the revision of a payout's first billing.payouts record, the cut's
 METADATA_PAYOUT_ID = "chargeline_payout_id"
 METADATA_PAYEE = "chargeline_payee_ref"
 
@@ -73,6 +91,26 @@ class PayoutMismatch(ChargelineError):
 
 class StripeLookupIncomplete(ChargelineError):
     """Could not tell whether Stripe already holds this payout; it stays pending."""
+
+
+class PayoutNotRetryable(UsageError):
+    """Only a failed payout can be retried."""
+
+
+class PayoutNotCancellable(UsageError):
+    """Only a failed payout, or a pending one never attempted, can be cancelled."""
+
+
+class PayoutAtStripe(ChargelineError):
+    """Stripe holds a Payout for this payout: it was paid, and is not cancelled."""
+
+
+class PayoutLeftPending(ChargelineError):
+    """The payout is pending again but was not sent; the senders will send it."""
+
+
+class SendersBusy(ChargelineError):
+    """A sender kept the Stripe payouts lock too long; nothing was changed."""
 
 
 # --- periods (pure) ---
@@ -191,17 +229,45 @@ async def _cut_at(
             )
         payouts.append(payout)
     if payouts:
-        await conn.execute(
-            db.QUERIES["payout_outbox"],
-            [p["payee_ref"] for p in payouts],
-            [payout_event(p).model_dump_json().encode() for p in payouts],
-            topic,
-        )
+        await publish(conn, payouts, [CUT_REVISION] * len(payouts), topic=topic)
     await conn.execute(db.QUERIES["payout_cut_done"], cut_id, len(payouts))
     return Cut(end, trigger, payouts)
 
 
-def payout_event(payout: dict[str, Any]) -> PayoutEvent:
+async def publish(
+    conn: Connection,
+    payouts: Sequence[Mapping[str, Any]],
+    revisions: Sequence[int],
+    *,
+    topic: str,
+) -> None:
+    """The ``billing.payouts`` outbox rows of ``payouts`` as they now stand, in the caller's
+    transaction: keyed by payee, the revision in a header."""
+    await conn.execute(
+        db.QUERIES["payout_outbox"],
+        [p["payee_ref"] for p in payouts],
+        [payout_event(p).model_dump_json().encode() for p in payouts],
+        [encode_headers([(HEADER_PAYOUT_REVISION, str(r).encode())]) for r in revisions],
+        topic,
+    )
+
+
+async def change_status(
+    conn: Connection, query: str, *args: Any, topic: str
+) -> dict[str, Any] | None:
+    """One status change and its ``billing.payouts`` record, in one transaction. ``query``
+    changes the payout and returns it as it now stands, with its revision; None (nothing
+    written) when the payout was not in the state ``query`` expects."""
+    async with conn.transaction():
+        row = await conn.fetchrow(db.QUERIES[query], *args)
+        if row is None:
+            return None
+        payout = dict(row.items())
+        await publish(conn, [payout], [payout["revision"]], topic=topic)
+    return payout
+
+
+def payout_event(payout: Mapping[str, Any]) -> PayoutEvent:
     return PayoutEvent(
         payout_id=payout["payout_id"],
         payee_ref=payout["payee_ref"],
@@ -240,6 +306,7 @@ class StripePayouts:
         # The SDK does not retry (max_network_retries=0): our retries look the payout up
         # before they could create it again.
         self.gateway = StripeGateway(settings, metrics)
+        self.topic = settings.topic_payouts
 
     async def close(self) -> None:
         await self.gateway.close()
@@ -265,7 +332,8 @@ class StripePayouts:
                     await conn.execute(db.QUERIES["payout_send_unlock"], _SEND_LOCK_ID)
 
     async def send_one(self, conn: Connection, payout: dict[str, Any]) -> str:
-        """1. record the attempt, 2. find or create the Stripe Payout, 3. mark it."""
+        """1. record the attempt, 2. find or create the Stripe Payout, 3. mark it (with its
+        ``billing.payouts`` record, in one transaction)."""
         payout_id = payout["payout_id"]
         earlier = await self.start_attempt(conn, payout_id)
         if earlier is None:
@@ -275,12 +343,14 @@ class StripePayouts:
         except _REFUSALS as exc:
             code = exc.code or (exc.error.type if exc.error else None) or type(exc).__name__
             message = exc.user_message or str(exc)
-            await conn.execute(db.QUERIES["payout_mark_failed"], payout_id, code, message)
+            await change_status(
+                conn, "payout_mark_failed", payout_id, code, message, topic=self.topic
+            )
             log.warning(
                 "stripe_payout_failed", payout_id=payout_id, stripe_code=code, detail=message
             )
             return "failed"
-        await conn.execute(db.QUERIES["payout_mark_sent"], payout_id, sent.id)
+        await change_status(conn, "payout_mark_sent", payout_id, sent.id, topic=self.topic)
         log.info("stripe_payout_sent", payout_id=payout_id, stripe_payout_id=sent.id)
         return "sent"
 
@@ -329,6 +399,171 @@ class StripePayouts:
             f"payout {payout['payout_id']}: not among the last "
             f"{_LOOKUP_PAGE * _LOOKUP_MAX_PAGES} Stripe payouts; left pending"
         )
+
+
+# --- an operator finishes a payout ---
+
+
+@asynccontextmanager
+async def senders_turn(
+    conn: Connection, *, wait_s: float = _SEND_TURN_WAIT_S
+) -> AsyncIterator[None]:
+    """The senders' lock (session-level, as ``send_pending`` takes it), waited for: while it
+    is held, no sender has a payout with Stripe, nor starts one."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while not await conn.fetchval(db.QUERIES["payout_send_try_lock"], _SEND_LOCK_ID):
+        if loop.time() >= deadline:
+            raise SendersBusy(
+                f"a Stripe payout sender (the payouts worker, `payouts send`) held the send "
+                f"lock for over {wait_s:g} s; nothing changed, try again"
+            )
+        await asyncio.sleep(_SEND_TURN_POLL_S)
+    try:
+        yield
+    finally:
+        if not conn.is_closed():
+            await conn.execute(db.QUERIES["payout_send_unlock"], _SEND_LOCK_ID)
+
+
+async def stored_payout(conn: Connection, payout_id: str) -> dict[str, Any]:
+    """The payout as ``payouts show`` reads it; ``NotFoundError`` when there is none."""
+    row = await conn.fetchrow(db.QUERIES["payout_show"], payout_id)
+    if row is None:
+        raise NotFoundError(f"no payout {payout_id!r}")
+    return dict(row.items())
+
+
+def _why_not_retried(payout: Mapping[str, Any]) -> str:
+    status, payout_id = payout["status"], payout["payout_id"]
+    because = {
+        "pending": "the senders have it (the payouts worker; `chargeline payouts send` now)",
+        "sent": f"Stripe has it as {payout['stripe_payout_id']}",
+        "recorded": "its payee is paid outside chargeline, not through Stripe",
+        "cancelled": "its charges went back to be paid out again",
+    }.get(status, "")
+    return f"payout {payout_id!r} is {status}, not failed: {because}; nothing retried"
+
+
+def _why_not_cancelled(payout: Mapping[str, Any]) -> str:
+    status, payout_id = payout["status"], payout["payout_id"]
+    because = {
+        "pending": (
+            f"{payout['stripe_attempts']} Stripe attempt(s) started, so Stripe may hold it; "
+            "wait for the senders to mark it sent or failed"
+        ),
+        "sent": f"Stripe has it as {payout['stripe_payout_id']}",
+        "recorded": "its payee is paid outside chargeline, which cannot tell whether it was",
+        "cancelled": "already cancelled",
+    }.get(status, "")
+    return f"payout {payout_id!r} is {status}: {because}; nothing cancelled"
+
+
+def cancellable(payout: Mapping[str, Any]) -> bool:
+    """Failed, or pending with no Stripe attempt ever started (none can exist at Stripe)."""
+    status: str = payout["status"]
+    attempts: int = payout["stripe_attempts"]
+    return status == "failed" or (status == "pending" and attempts == 0)
+
+
+async def retry_payout(
+    conn: Connection,
+    sender: StripePayouts,
+    payout_id: str,
+    *,
+    settings: Settings,
+    metrics: Metrics,
+) -> dict[str, Any]:
+    """``payouts retry``: a failed payout back to ``pending`` (published), then sent at once
+    through ``send_one``; the payout as stored afterwards (``sent`` or ``failed``).
+
+    Its Stripe attempts are kept, so the send looks for a Stripe Payout carrying the id
+    before it could create one. Refused, with nothing changed, for a payout that is not
+    failed (``PayoutNotRetryable``) or unknown (``NotFoundError``). Should the send not come
+    to an end (Stripe unreachable after retries, Postgres gone), the payout stays pending
+    for the senders (``PayoutLeftPending``): no attempt is ever lost, so none is repeated
+    blindly.
+    """
+    async with senders_turn(conn):
+        reopened = await change_status(conn, "payout_reopen", payout_id, topic=sender.topic)
+        if reopened is None:
+            raise PayoutNotRetryable(_why_not_retried(await stored_payout(conn, payout_id)))
+        try:
+            await retry_transient(
+                lambda: sender.send_one(conn, reopened),
+                is_transient=stripe_gateway.is_transient,
+                component="stripe",
+                settings=settings,
+                metrics=metrics,
+                max_attempts=_OPERATOR_STRIPE_ATTEMPTS,
+            )
+        except Exception as exc:
+            if not (
+                isinstance(exc, stripe.StripeError | ChargelineError) or stripe_is_transient(exc)
+            ):
+                raise
+            detail = exc.user_message if isinstance(exc, stripe.StripeError) else None
+            raise PayoutLeftPending(
+                f"payout {payout_id!r} is pending again but was not sent "
+                f"({type(exc).__name__}: {detail or exc}); the payouts worker sends it, "
+                "or `chargeline payouts send`"
+            ) from None
+        return await stored_payout(conn, payout_id)
+
+
+async def cancel_payout(
+    conn: Connection,
+    sender: StripePayouts,
+    payout_id: str,
+    *,
+    settings: Settings,
+    metrics: Metrics,
+) -> dict[str, Any]:
+    """``payouts cancel``: a failed payout, or a pending one never attempted, ``cancelled``
+    and its charges released (``payout_id`` NULL, ``recorded``) in one transaction with its
+    ``billing.payouts`` record, so the next cut gathers them again. The payout as cancelled.
+
+    A payout with Stripe attempts is first looked up at Stripe: one Stripe holds was paid,
+    and cancelling it would pay its charges twice (``PayoutAtStripe``: retry it instead,
+    which records it as sent). Refused, with nothing changed, for any other status
+    (``PayoutNotCancellable``) or an unknown id (``NotFoundError``).
+    """
+    async with senders_turn(conn):
+        payout = await stored_payout(conn, payout_id)
+        if not cancellable(payout):
+            raise PayoutNotCancellable(_why_not_cancelled(payout))
+        if payout["stripe_attempts"] > 0:
+            found = await retry_transient(
+                lambda: sender.find(payout),
+                is_transient=stripe_gateway.is_transient,
+                component="stripe",
+                settings=settings,
+                metrics=metrics,
+                max_attempts=_OPERATOR_STRIPE_ATTEMPTS,
+            )
+            if found is not None:
+                raise PayoutAtStripe(
+                    f"payout {payout_id!r} is {payout['status']} here, but Stripe holds it as "
+                    f"{found.id}: run `chargeline payouts retry {payout_id}` to record it as "
+                    "sent; nothing cancelled"
+                )
+        async with conn.transaction():
+            cancelled = await change_status(
+                conn, "payout_cancel", payout_id, payout["stripe_attempts"], topic=sender.topic
+            )
+            if cancelled is None:  # changed since it was read (only by hand: we hold the lock)
+                raise PayoutNotCancellable(_why_not_cancelled(await stored_payout(conn, payout_id)))
+            released = await fetch_one(conn, db.QUERIES["payout_release_charges"], payout_id)
+            if (released["charge_count"], released["amount"]) != (
+                cancelled["charge_count"],
+                cancelled["amount"],
+            ):
+                raise PayoutMismatch(
+                    f"payout {payout_id!r} records {cancelled['charge_count']} charges for "
+                    f"{cancelled['amount']}, but {released['charge_count']} name it, for "
+                    f"{released['amount']}: see `chargeline verify`; nothing cancelled"
+                )
+    return cancelled
 
 
 # --- the worker ---

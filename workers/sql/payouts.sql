@@ -19,7 +19,8 @@ INSERT INTO payout_cuts (period_end, trigger) VALUES ($1, $2) RETURNING cut_id;
 -- names now and by currency. A charge whose transaction commits after this snapshot is not
 -- seen: it keeps payout_id NULL and goes into the next cut, whatever its recorded_at.
 -- period_start is where the payee's previous payout in the currency ended, or for a first
--- payout the start of the period ($3: 'hour' or 'day', UTC) of its earliest charge.
+-- payout the start of the period ($3: 'hour' or 'day', UTC) of its earliest charge. A
+-- cancelled payout does not count: the next payout takes over its period with its charges.
 -- The id is deterministic: the cut's end (cuts have distinct ends), the currency and a hash
 -- of the payee (payee refs may hold any printable character; ids stay ASCII).
 -- The last SELECT returns the payouts with what the UPDATE claimed, checked by the caller.
@@ -33,7 +34,8 @@ grouped AS (
     SELECT d.payee_ref, d.currency, count(*) AS charge_count, sum(d.amount)::bigint AS amount,
            coalesce(
                (SELECT max(p.period_end) FROM payouts p
-                WHERE p.payee_ref = d.payee_ref AND p.currency = d.currency),
+                WHERE p.payee_ref = d.payee_ref AND p.currency = d.currency
+                  AND p.status <> 'cancelled'),
                date_trunc($3::text, min(d.recorded_at), 'UTC')
            ) AS period_start
     FROM due d
@@ -90,9 +92,11 @@ ORDER BY i.payee_ref, i.currency;
 UPDATE payout_cuts SET payouts = $2 WHERE cut_id = $1;
 
 -- name: payout_outbox
-INSERT INTO outbox (kind, topic, record_key, record_value)
-SELECT 'payout', $3::text, convert_to(k.payee_ref, 'UTF8'), k.message
-FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS k(payee_ref, message, ord)
+-- billing.payouts records, keyed by payee: the cut's (revision 1) and each status change.
+INSERT INTO outbox (kind, topic, record_key, record_value, headers)
+SELECT 'payout', $4::text, convert_to(k.payee_ref, 'UTF8'), k.message, k.headers::jsonb
+FROM unnest($1::text[], $2::bytea[], $3::text[]) WITH ORDINALITY
+     AS k(payee_ref, message, headers, ord)
 ORDER BY k.ord;
 
 -- name: payout_backlog
@@ -125,18 +129,56 @@ SET stripe_attempts = stripe_attempts + 1, last_attempt_at = now(), updated_at =
 WHERE payout_id = $1 AND status = 'pending'
 RETURNING stripe_attempts - 1 AS earlier_attempts;
 
+-- Each status change after the cut counts a revision and returns what its billing.payouts
+-- record says; the caller writes that record in the same transaction.
+
 -- name: payout_mark_sent
 UPDATE payouts
 SET status = 'sent', stripe_payout_id = $2, failure_code = NULL, failure_message = NULL,
-    updated_at = now()
+    revision = revision + 1, updated_at = now()
 WHERE payout_id = $1 AND status = 'pending'
-RETURNING payout_id;
+RETURNING payout_id, payee_ref, currency, period_start, period_end, charge_count, amount,
+          status, created_at, revision;
 
 -- name: payout_mark_failed
 UPDATE payouts
-SET status = 'failed', failure_code = $2, failure_message = $3, updated_at = now()
+SET status = 'failed', failure_code = $2, failure_message = $3, revision = revision + 1,
+    updated_at = now()
 WHERE payout_id = $1 AND status = 'pending'
-RETURNING payout_id;
+RETURNING payout_id, payee_ref, currency, period_start, period_end, charge_count, amount,
+          status, created_at, revision;
+
+-- name: payout_reopen
+-- `payouts retry`: a failed payout goes back to the senders. stripe_attempts is kept, so the
+-- next attempt looks for a Stripe Payout carrying the id before it could create one.
+UPDATE payouts
+SET status = 'pending', failure_code = NULL, failure_message = NULL, revision = revision + 1,
+    updated_at = now()
+WHERE payout_id = $1 AND status = 'failed'
+RETURNING payout_id, payee_ref, currency, period_start, period_end, charge_count, amount,
+          status, created_at, revision, stripe_account, stripe_attempts;
+
+-- name: payout_cancel
+-- `payouts cancel`: failed, or pending and never attempted, and still as the caller saw it
+-- ($2: its stripe_attempts, checked at Stripe when > 0). charge_count and amount stay as
+-- what it held; payout_release_charges, in the same transaction, frees the charges.
+UPDATE payouts
+SET status = 'cancelled', cancelled_at = now(), revision = revision + 1, updated_at = now()
+WHERE payout_id = $1
+  AND stripe_attempts = $2
+  AND (status = 'failed' OR (status = 'pending' AND stripe_attempts = 0))
+RETURNING payout_id, payee_ref, currency, period_start, period_end, charge_count, amount,
+          status, created_at, revision, cancelled_at;
+
+-- name: payout_release_charges
+-- The charges of a payout being cancelled: unpaid again, for the next cut.
+WITH released AS (
+    UPDATE charges
+    SET status = 'recorded', payout_id = NULL
+    WHERE payout_id = $1
+    RETURNING amount
+)
+SELECT count(*) AS charge_count, coalesce(sum(amount), 0)::bigint AS amount FROM released;
 
 -- name: payout_list
 SELECT payout_id, payee_ref, currency, period_start, period_end, charge_count, amount, status,

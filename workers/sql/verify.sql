@@ -192,7 +192,8 @@ LIMIT $1;
 
 -- name: verify_payouts
 -- Every recorded charge is in at most one payout (one payout_id column, and paid_out
--- exactly when it has one); a payout's count and total are those of its charges.
+-- exactly when it has one); a payout's count and total are those of its charges. A
+-- cancelled payout keeps what it held as history, and no charge names it any more.
 SELECT p.payout_id, p.charge_count, p.amount, coalesce(c.charges, 0) AS charges,
        coalesce(c.total, 0) AS charges_total
 FROM payouts p
@@ -200,7 +201,9 @@ LEFT JOIN (
     SELECT payout_id, count(*) AS charges, sum(amount) AS total
     FROM charges WHERE payout_id IS NOT NULL GROUP BY payout_id
 ) c USING (payout_id)
-WHERE p.charge_count <> coalesce(c.charges, 0) OR p.amount <> coalesce(c.total, 0)
+WHERE CASE WHEN p.status = 'cancelled' THEN c.charges IS NOT NULL
+           ELSE p.charge_count <> coalesce(c.charges, 0) OR p.amount <> coalesce(c.total, 0)
+      END
 UNION ALL
 SELECT c.payout_id, NULL, NULL, c.charge_id, c.amount
 FROM charges c
