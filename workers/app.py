@@ -20,6 +20,7 @@ from workers.jobs.outbox import OutboxRelay
 from workers.jobs.payouts import PayoutWorker
 from workers.jobs.reloads import ReloadWorker
 from workers.jobs.verify import VerifyWorker
+from workers.jobs.webhooks import WebhookWorker
 from workers.kafka import make_consumer, make_producer
 from workers.kinds import INGEST_KINDS, PERIODIC_KINDS, WORKER_KINDS
 from workers.lifecycle import WorkerLoop
@@ -36,6 +37,7 @@ PERIODIC_WORKERS: dict[str, Callable[[Settings, Any, Metrics], Any]] = {
     "expiry": ExpiryWorker,
     "reloads": ReloadWorker,
     "payouts": PayoutWorker,
+    "webhooks": WebhookWorker,
     "verify": VerifyWorker,
 }
 assert tuple(PERIODIC_WORKERS) == PERIODIC_KINDS

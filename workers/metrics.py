@@ -245,3 +245,28 @@ class Metrics:
             "Age (since recorded_at) of the oldest charge not yet in a payout (0 when none).",
             registry=r,
         )
+        # --- outbound webhooks ---
+        self.webhook_deliveries = Counter(
+            "chargeline_webhook_deliveries",
+            "Webhook delivery attempts by endpoint id and result (succeeded; retried: not a "
+            "2xx, tried again later; failed: not a 2xx and no retry left).",
+            ["endpoint", "result"],
+            registry=r,
+        )
+        self.webhook_delivery_lag = Histogram(
+            "chargeline_webhook_delivery_lag_seconds",
+            "From the alert's commit (its outbox row) to its successful delivery.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.webhook_pending = Gauge(
+            "chargeline_webhook_pending",
+            "Webhook deliveries pending (not yet succeeded or failed), every endpoint.",
+            registry=r,
+        )
+        self.webhook_last_success = Gauge(
+            "chargeline_webhook_last_success_timestamp_seconds",
+            "When this process last delivered to each endpoint (Unix time).",
+            ["endpoint"],
+            registry=r,
+        )

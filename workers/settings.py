@@ -164,6 +164,31 @@ class Settings(BaseSettings):
         "to send to Stripe.",
     )
 
+    # --- outbound webhooks (the `webhooks` worker) ---
+    webhook_retry_schedule_s: str = Field(
+        default="5,300,1800,7200,18000,36000,36000",
+        description="Seconds before each retry of a webhook delivery that did not get a 2xx "
+        "(comma-separated); once they are used up the delivery is failed.",
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Per webhook request, connection included."
+    )
+    webhook_concurrency: int = Field(
+        default=32, ge=1, le=1000, description="Webhook requests in flight per worker process."
+    )
+    webhook_endpoint_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=100,
+        description="Webhook requests in flight per endpoint, across every worker.",
+    )
+    webhook_poll_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="How often the webhooks worker looks for new alerts and due deliveries.",
+    )
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _servers_are_host_port(cls, value: str) -> str:
@@ -178,6 +203,12 @@ class Settings(BaseSettings):
     def _database_url_is_postgres(cls, value: SecretStr) -> SecretStr:
         if not value.get_secret_value().startswith(("postgresql://", "postgres://")):
             raise ValueError("expected a postgresql:// URL")
+        return value
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _schedule_is_seconds(cls, value: str) -> str:
+        parse_schedule(value)
         return value
 
     @model_validator(mode="after")
@@ -209,6 +240,11 @@ class Settings(BaseSettings):
         return env
 
     @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        """CHARGELINE_WEBHOOK_RETRY_SCHEDULE_S as seconds, one per retry."""
+        return parse_schedule(self.webhook_retry_schedule_s)
+
+    @property
     def dsn(self) -> str:
         return self.database_url.get_secret_value()
 
@@ -232,3 +268,14 @@ def mask_url(url: str) -> str:
     userinfo, _, hostpart = rest.rpartition("@")
     user = userinfo.split(":", 1)[0]
     return f"{scheme}://{user}:***@{hostpart}" if ":" in userinfo else url
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """``5,300,1800`` -> (5.0, 300.0, 1800.0): at least one delay, each 0 to 7 days."""
+    try:
+        delays = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected seconds separated by commas, got {text!r}") from None
+    if not all(0 <= delay <= 7 * 86_400 for delay in delays):
+        raise ValueError(f"every delay should be 0 to 604800 seconds, got {text!r}")
+    return delays

@@ -36,7 +36,7 @@ _REQUEST_ID_HEADER = b"x-request-id"
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
-    from workers.api import admin, billing, customers, ingest, reads, stripe_webhooks
+    from workers.api import admin, billing, customers, ingest, reads, stripe_webhooks, webhooks
 
     metrics = metrics if metrics is not None else Metrics()
 
@@ -80,6 +80,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(billing.router)
     app.include_router(stripe_webhooks.router)
+    app.include_router(webhooks.router)
     _add_operational_routes(app, metrics)
     return app
 

@@ -49,6 +49,9 @@ NOUNS: dict[str, Noun] = {
     "dlq": Noun("workers.cli.dlq:add_dlq", "dead letters"),
     "api": Noun("workers.cli.api:add_api", "the HTTP API until SIGTERM"),
     "api-keys": Noun("workers.cli.api:add_api_keys", "keys of the HTTP API, with their scopes"),
+    "webhooks": Noun(
+        "workers.cli.webhooks:add_webhooks", "HTTP endpoints the alerts are delivered to, signed"
+    ),
     "verify": Noun(
         "workers.cli.verify:add_verify", "check the invariants; exit 1 on any violation"
     ),

@@ -204,8 +204,11 @@ inserted AS (
     ON CONFLICT (alert_id) DO NOTHING
     RETURNING alert_id
 )
-INSERT INTO outbox (kind, topic, record_key, record_value)
-SELECT 'alert', $12::text, convert_to(i.customer_ref, 'UTF8'), i.message
+-- Left for the webhook fan-out only while an endpoint exists: otherwise nothing would ever
+-- read the flag, and the outbox's retention keeps flagged rows.
+INSERT INTO outbox (kind, topic, record_key, record_value, webhooks_pending)
+SELECT 'alert', $12::text, convert_to(i.customer_ref, 'UTF8'), i.message,
+       EXISTS (SELECT 1 FROM webhook_endpoints WHERE removed_at IS NULL)
 FROM input i JOIN inserted USING (alert_id)
 ORDER BY i.ord;
 
