@@ -154,6 +154,11 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.outbox_pruned = Counter(
+            "chargeline_outbox_pruned",
+            "Published outbox rows removed once older than CHARGELINE_OUTBOX_RETENTION_S.",
+            registry=r,
+        )
         self.outbox_depth = Gauge(
             "chargeline_outbox_depth", "Outbox rows not yet published.", registry=r
         )

@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     retry_max_ms: int = Field(default=10_000, ge=1)
     outbox_batch_size: int = Field(default=1000, ge=1)
     outbox_poll_ms: int = Field(default=50, ge=1)
+    outbox_retention_s: float = Field(
+        default=3 * 86_400.0,
+        gt=0,
+        description="How long a published outbox row is kept before the relay removes it "
+        "(unpublished rows are never removed).",
+    )
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     failpoint: str | None = Field(
         default=None,

@@ -85,15 +85,16 @@ ALTER DEFAULT PRIVILEGES FOR ROLE chargeline_migrator IN SCHEMA public
 -- 5. Per-table exceptions, for the tables that exist (a run before the migrations skips them;
 --    the run after adds them):
 --    - DELETE only where a worker's own SQL deletes: credit_voids (a void of an unknown grant
---      is a dead letter; its dedup row goes in the same transaction). A new DELETE in
---      workers/sql needs its table listed here; tests/integration/test_roles.py checks that.
+--      is a dead letter; its dedup row goes in the same transaction) and outbox (the relay
+--      removes published rows past their retention). A new DELETE in workers/sql needs its
+--      table listed here; tests/integration/test_roles.py checks that.
 --    - the ledger is append-only: no UPDATE either;
 --    - schema_migrations is the migrator's: the runtime only reads it.
 DO $$
 DECLARE
     name text;
 BEGIN
-    FOREACH name IN ARRAY ARRAY['credit_voids'] LOOP
+    FOREACH name IN ARRAY ARRAY['credit_voids', 'outbox'] LOOP
         IF to_regclass(format('public.%I', name)) IS NOT NULL THEN
             EXECUTE format('GRANT DELETE ON public.%I TO chargeline_runtime', name);
         END IF;

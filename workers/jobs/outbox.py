@@ -7,11 +7,17 @@ consumers dedupe on the stable ids inside (``alert_id``, ``payout_id``, source p
 
 One relay publishes at a time (a Postgres advisory lock held by its session), so per-key
 order on the output topics is the commit order. Other relays wait as hot standbys.
+
+The leading relay also keeps the table small: published rows older than
+``CHARGELINE_OUTBOX_RETENTION_S`` are removed a thousand at a time between publishing
+rounds (never an unpublished row, nor one the webhook fan-out has yet to read), and the
+newest removed row's time is kept as the mark from which ``verify`` compares the outbox.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any
 
@@ -26,6 +32,8 @@ from workers.settings import Settings
 
 log = get_logger("chargeline.outbox")
 _LEADER_LOCK_ID = 0x6F7574626F78  # "outbox"
+PRUNE_BATCH = 1000  # rows a removal statement takes: short locks, short transactions
+PRUNE_INTERVAL_S = 60.0
 
 
 def _transient(exc: BaseException) -> bool:
@@ -65,10 +73,19 @@ class OutboxRelay(WorkerLoop):
                 if await self.pause(1.0):
                     return
             log.info("outbox_relay_leading")
+            next_prune = time.monotonic()
             try:
                 while not self.stopping.is_set():
                     published = await self.publish_once(conn)
                     await self._refresh_stats(conn)
+                    if time.monotonic() >= next_prune:
+                        # One small batch a round; the next round at once while a batch
+                        # comes back full, else after a minute (or the retention, if less).
+                        removed = await self.prune_once(conn)
+                        if removed < PRUNE_BATCH:
+                            next_prune = time.monotonic() + min(
+                                PRUNE_INTERVAL_S, self.settings.outbox_retention_s
+                            )
                     if published < self.settings.outbox_batch_size and await self.pause(
                         self.settings.outbox_poll_ms / 1000
                     ):
@@ -105,6 +122,16 @@ class OutboxRelay(WorkerLoop):
             kinds=dict(kinds),
         )
         return len(rows)
+
+    async def prune_once(self, conn: Connection) -> int:
+        """Remove one batch of published rows past retention; how many went."""
+        removed: int = await conn.fetchval(
+            db.QUERIES["outbox_prune"], self.settings.outbox_retention_s, PRUNE_BATCH
+        )
+        if removed:
+            self.metrics.outbox_pruned.inc(removed)
+            log.debug("outbox_pruned", rows=removed)
+        return removed
 
     async def _refresh_stats(self, conn: Connection) -> None:
         stats = await fetch_one(conn, db.QUERIES["outbox_stats"])
