@@ -16,6 +16,7 @@ from workers.ingest.consumer import ConsumerLoop, tune_gc_for_batches
 from workers.ingest.processor import BatchProcessor, Handler
 from workers.ingest.usage import UsageHandler
 from workers.jobs.expiry import ExpiryWorker
+from workers.jobs.monitor import LagMonitor
 from workers.jobs.outbox import OutboxRelay
 from workers.jobs.payouts import PayoutWorker
 from workers.jobs.reloads import ReloadWorker
@@ -38,6 +39,7 @@ PERIODIC_WORKERS: dict[str, Callable[[Settings, Any, Metrics], Any]] = {
     "reloads": ReloadWorker,
     "payouts": PayoutWorker,
     "webhooks": WebhookWorker,
+    "monitor": LagMonitor,
     "verify": VerifyWorker,
 }
 assert tuple(PERIODIC_WORKERS) == PERIODIC_KINDS

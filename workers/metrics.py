@@ -136,9 +136,36 @@ class Metrics:
             LAG_BUCKETS,
             r,
         )
+        self.consumer_fetch_lag = Gauge(
+            "chargeline_consumer_fetch_lag",
+            "Records between this worker's position and the high watermark of its last fetch "
+            "(its own view: frozen when it stops fetching).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        # The lag monitor's (workers/jobs/monitor.py): the broker's view, from outside.
         self.consumer_lag = Gauge(
             "chargeline_consumer_lag",
-            "Records between the consumer's position and the partition's high watermark.",
+            "Records between the partition's log end and the group's committed offset.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.consumer_log_end_offset = Gauge(
+            "chargeline_consumer_log_end_offset",
+            "The partition's log end, as the lag monitor last read it from the broker.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.consumer_committed_offset = Gauge(
+            "chargeline_consumer_committed_offset",
+            "The group's committed offset, as the lag monitor last read it from the broker.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.consumer_stalled = Gauge(
+            "chargeline_consumer_stalled",
+            "1 while the partition has lag and the group's committed offset has not moved for "
+            "CHARGELINE_MONITOR_STALL_S.",
             ["topic", "partition"],
             registry=r,
         )

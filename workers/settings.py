@@ -152,6 +152,18 @@ class Settings(BaseSettings):
     verify_interval_s: float = Field(
         default=300.0, gt=0, description="How often the verify worker checks the invariants."
     )
+    monitor_interval_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="How often the lag monitor reads log ends and the "
+        "group's committed offsets from the broker.",
+    )
+    monitor_stall_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a partition may have lag while the group's committed offset "
+        "stays put before the lag monitor calls it stalled.",
+    )
 
     # --- payouts ---
     payout_period: Literal["hourly", "daily"] = Field(

@@ -68,6 +68,7 @@ ALERTS = {
     "ChargelineWorkersAbsent",
     "ChargelineWorkerNotReady",
     "ChargelineConsumerLagGrowing",
+    "ChargelineConsumerStalled",
     "ChargelineDeadLetterRate",
     "ChargelineUnprocessableRecord",
     "ChargelineLaneStalled",

@@ -356,9 +356,9 @@ class ConsumerLoop(WorkerLoop):
             highwater = self.consumer.highwater(tp)
             position = self.totals.next_offsets.get(tp)
             if highwater is not None and position is not None:
-                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                    max(0, highwater - position)
-                )
+                self.metrics.consumer_fetch_lag.labels(
+                    topic=tp.topic, partition=str(tp.partition)
+                ).set(max(0, highwater - position))
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -375,7 +375,7 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.loop.totals.next_offsets.pop(tp, None)
                 # Another member reports this partition's lag from now on.
                 with contextlib.suppress(KeyError):
-                    self.loop.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+                    self.loop.metrics.consumer_fetch_lag.remove(tp.topic, str(tp.partition))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         fresh = await self._without_committed_offsets(assigned)
