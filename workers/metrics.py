@@ -296,6 +296,13 @@ class Metrics:
             "Webhook deliveries pending (not yet succeeded or failed), every endpoint.",
             registry=r,
         )
+        self.webhook_oldest_pending = Gauge(
+            "chargeline_webhook_oldest_pending_seconds",
+            "Per endpoint, how long its oldest pending delivery has waited since its alert "
+            "was committed (absent when nothing is pending).",
+            ["endpoint"],
+            registry=r,
+        )
         self.webhook_last_success = Gauge(
             "chargeline_webhook_last_success_timestamp_seconds",
             "When this process last delivered to each endpoint (Unix time).",

@@ -69,6 +69,7 @@ ALERTS = {
     "ChargelineWorkerNotReady",
     "ChargelineConsumerLagGrowing",
     "ChargelineConsumerStalled",
+    "ChargelineWebhookEndpointFailing",
     "ChargelineDeadLetterRate",
     "ChargelineUnprocessableRecord",
     "ChargelineLaneStalled",

@@ -261,8 +261,12 @@ class WebhookWorker(PeriodicWorker):
 
     async def _refresh_stats(self) -> None:
         async with self.pool.acquire() as conn:
-            pending = await conn.fetchval(db.QUERIES["webhook_pending_count"])
-        self.metrics.webhook_pending.set(pending)
+            rows = await conn.fetch(db.QUERIES["webhook_pending_by_endpoint"])
+        self.metrics.webhook_pending.set(sum(row["pending"] for row in rows))
+        oldest = self.metrics.webhook_oldest_pending
+        oldest.clear()  # an endpoint with nothing pending has no oldest delivery
+        for row in rows:
+            oldest.labels(endpoint=str(row["endpoint_id"])).set(row["oldest_s"])
         self.stats_at = time.monotonic()
 
     async def close(self) -> None:

@@ -128,8 +128,14 @@ RETURNING d.delivery_id, d.endpoint_id, d.status,
 UPDATE webhook_deliveries SET claimed_until = NULL
 WHERE delivery_id = ANY ($1::bigint[]) AND status = 'pending';
 
--- name: webhook_pending_count
-SELECT count(*)::bigint FROM webhook_deliveries WHERE status = 'pending';
+-- name: webhook_pending_by_endpoint
+-- Per endpoint with anything pending: how many, and how long the oldest has waited (from
+-- its alert's commit). An endpoint that has been failing keeps an old delivery pending.
+SELECT endpoint_id, count(*)::bigint AS pending,
+       extract(epoch FROM now() - min(alert_created_at))::float8 AS oldest_s
+FROM webhook_deliveries
+WHERE status = 'pending'
+GROUP BY endpoint_id;
 
 -- name: webhook_endpoint_create
 INSERT INTO webhook_endpoints (url, secret, events)
