@@ -66,3 +66,25 @@ def test_every_link_resolves_inside_the_repository(doc: Path) -> None:
 
 def test_the_readme_is_a_front_door() -> None:
     assert len((REPO / "README.md").read_text().splitlines()) < 300
+
+
+def test_the_readmes_webhook_receiver_accepts_ours_and_nothing_else() -> None:
+    """The ten lines a receiver copies from the README, run against chargeline's signer."""
+    import time
+
+    from workers import webhook_signing
+
+    readme = (REPO / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "def verified" in block]  # fmt: skip
+    namespace: dict[str, object] = {}
+    exec(code, namespace)  # noqa: S102 -- the README's own example
+    verified = namespace["verified"]
+    assert callable(verified)
+    secret, body = webhook_signing.new_secret(), b'{"alert_id": "a1"}'
+    headers = webhook_signing.headers(secret, "a1", int(time.time()), body)
+    assert verified(secret, headers, body)
+    assert not verified(secret, headers, body + b" ")
+    assert not verified(webhook_signing.new_secret(), headers, body)
+    stale = webhook_signing.headers(secret, "a1", int(time.time()) - 600, body)
+    assert not verified(secret, stale, body)
