@@ -25,6 +25,11 @@ def add_worker(nouns: argparse._SubParsersAction[Parser]) -> None:
         metavar="KIND",
         help=f"one or more of {', '.join(WORKER_KINDS)}",
     )
+    worker.add_argument(
+        "--processes", type=positive_int, default=1, metavar="N",
+        help="N processes on this host, one consumer-group member each: the first runs every "
+        "kind given, the others their ingest kinds; metrics on CHARGELINE_METRICS_PORT + i",
+    )  # fmt: skip
     worker.set_defaults(run=worker_command)
 
 

@@ -23,7 +23,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import SecretStr
 
 from workers import db
-from workers.devtools.bench.load import FLOWS, PARTITIONS, Load, plan_fixed_rate, send_at_rate
+from workers.devtools.bench.load import (
+    FLOWS,
+    PARTITIONS,
+    Load,
+    plan_fixed_rate,
+    publish,
+    send_at_rate,
+)
 from workers.devtools.bench.measure import (
     cpu_cores_between,
     cpu_seconds_by_process,
@@ -34,7 +41,7 @@ from workers.devtools.bench.measure import (
 )
 from workers.devtools.bench.profile import DrainProfile
 from workers.devtools.bench.worker import WorkerRun
-from workers.kafka import make_producer, security_options
+from workers.kafka import ensure_topics, make_producer, security_options
 from workers.settings import Settings
 
 
@@ -328,3 +335,79 @@ async def fixed_rate(
         "fixed_rate_machine_busy_pct": cpu.pop("machine_busy_pct"),
         "fixed_rate_cpu_cores": cpu,
     }
+
+
+CURVE_LOADS_PCT = (10, 25, 50, 75)
+"""The fixed-rate loads of the latency curve, as shares of the machine's throughput."""
+
+
+async def machine(
+    settings: Settings,
+    workdir: Path,
+    load: Load,
+    *,
+    processes: int,
+    fixed_rate_s: float,
+    run: str,
+    customers: int,
+    servers: dict[str, int],
+) -> dict[str, Any]:
+    """The whole machine: ``load`` (new references) drained by ``chargeline worker
+    --processes N`` on a database and topics of their own, then the latency curve: the
+    fixed-rate mix at each share of CURVE_LOADS_PCT of that throughput, for ``fixed_rate_s``
+    each, by the same processes. Returns ``machine_throughput_eps``, ``machine_processes``,
+    the drain's CPU per event and peak RSS per process, and ``latency_curve``."""
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        await conn.execute("DROP DATABASE IF EXISTS bench_machine")
+        await conn.execute("CREATE DATABASE bench_machine")
+    finally:
+        await conn.close()
+    own = settings.model_copy(
+        update={
+            "database_url": SecretStr(settings.dsn.rsplit("/", 1)[0] + "/bench_machine"),
+            "consumer_group": f"{settings.consumer_group}-machine",
+            **{
+                f"topic_{name}": f"{getattr(settings, f'topic_{name}')}-machine"
+                for name in ("charges", "usage", "alerts", "payouts", "dlq")
+            },
+        }
+    )
+    await prepare_database(own)
+    await ensure_topics(own, partitions=PARTITIONS)
+    await publish(own, load)
+    fleet = WorkerRun(own, workdir / "machine.log", processes=processes)
+    figures: dict[str, Any] = {"machine_processes": processes}
+    try:
+        drained = await drain(fleet, load.total, servers, None)
+        figures["machine_throughput_eps"] = drained["throughput_eps"]
+        figures["machine_cpu_s_per_1k_events"] = drained["cpu_s_per_1k_events"]
+        figures["machine_peak_rss_mib"] = drained["worker_peak_rss_mib"]
+        curve = []
+        already = load.total
+        for pct in CURVE_LOADS_PCT:
+            point = await asyncio.wait_for(
+                fixed_rate(
+                    own, fleet, figures["machine_throughput_eps"] * pct / 100, fixed_rate_s,
+                    run=f"{run}c{pct}-", already=already, customers=customers, servers=servers,
+                ),
+                timeout=fixed_rate_s + 240,
+            )  # fmt: skip
+            already += int(point["latency_records"])
+            curve.append(
+                {
+                    "load_pct": pct,
+                    "rate_eps": point["fixed_rate_eps"],
+                    "p50_ms": point["latency_p50_ms"],
+                    "p99_ms": point["latency_p99_ms"],
+                    "alert_p99_ms": point["alert_latency_p99_ms"],
+                    "alerts_measured": point["alerts_measured"],
+                    "generator_cores": point["fixed_rate_cpu_cores"]["load_generator"],
+                    "machine_busy_pct": point["fixed_rate_machine_busy_pct"],
+                    "cores": point["fixed_rate_cpu_cores"],
+                }
+            )
+        figures["latency_curve"] = curve
+    finally:
+        fleet.stop()
+    return figures

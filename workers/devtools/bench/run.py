@@ -8,16 +8,20 @@ machine. Before the phases, a fixed Python loop times the machine's speed; then,
    20 flows, 5% exact duplicates, 0.1% malformed), built before any clock starts;
 2. raw consume: read it all with no processing (the broker's limit);
 3. drain: one ``chargeline worker all`` process applies the whole load (throughput, CPU
-   seconds per 1,000 events, peak RSS);
-4. the same mix at a fixed rate, half the measured throughput, with depletions of fresh
-   customers threaded through, sent to the same worker: end-to-end latency (record append
-   to database commit, from the worker's histogram) and alert latency (depleting record's
-   append to the alert's append on billing.alerts);
-5. raw COPY of the same rows into tables with the same unique indexes (Postgres's limit);
-6. naive: the same worker with batches of one event, so one transaction and one offset
+   seconds per 1,000 events of the worker and of Postgres, peak RSS);
+4. raw COPY of the same rows into tables with the same unique indexes (Postgres's limit);
+5. naive: the same worker with batches of one event, so one transaction and one offset
    commit per event (the baseline the target ratio names); and, for reference, a floor
    under it: two bare statements per event;
-7. replay: a new consumer group re-reads everything (all duplicates);
+6. replay: a new consumer group re-reads everything (all duplicates);
+7. the whole machine: a second load of the same size (new references), on a database and
+   topics of its own, drained by ``chargeline worker --processes N`` with N the machine's
+   CPUs (``machine_throughput_eps``); then, on the same processes, the same mix at a fixed
+   rate of 10%, 25%, 50% and 75% of that throughput, with depletions of fresh customers
+   threaded through: end-to-end latency (record append to database commit, from the
+   workers' histograms) and alert latency (depleting record's append to the alert's append
+   on billing.alerts) at each, and the CPU the load generator itself used
+   (``latency_curve``; the 50% point is ``latency_p99_ms``);
 8. the HTTP API: charges published straight to Kafka by the bench's producer (the
    baseline), then through a ``chargeline api`` process, one a request and 500 a request;
    and the latency of one charge at half the API's single-charge capacity, answered at once
@@ -46,8 +50,9 @@ from workers.devtools.bench.http import http_api
 from workers.devtools.bench.load import PARTITIONS, build_load, customer_count, publish
 from workers.devtools.bench.measure import python_loop_seconds, server_pids
 from workers.devtools.bench.phases import (
+    CURVE_LOADS_PCT,
     drain,
-    fixed_rate,
+    machine,
     naive_pipeline,
     naive_sql,
     prepare_database,
@@ -64,6 +69,7 @@ from workers.settings import Settings
 console = Console(stderr=True)
 
 PHASE_LIMIT_S = 180.0  # no phase may hang the whole run
+HALF_PCT = 50  # the curve's point that is the headline latency
 
 
 async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring lists them
@@ -141,40 +147,11 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
             if profile_dir is not None:
                 profile = await DrainProfile.start(profile_dir, settings.dsn, worker.ps.pid)
             results.update(await drain(worker, load.total, servers, profile))
-            console.print("fixed-rate load at half capacity...")
-            try:
-                results.update(
-                    await asyncio.wait_for(
-                        fixed_rate(
-                            settings,
-                            worker,
-                            results["throughput_eps"] / 2,
-                            fixed_rate_s,
-                            run=f"{run}-",
-                            already=load.total,
-                            customers=customer_count(events),
-                            servers=servers,
-                        ),
-                        timeout=PHASE_LIMIT_S,
-                    )
-                )
-            except TimeoutError:
-                # Reported, not hidden: the figures stay NaN and the table says why.
-                console.print(f"[red]fixed-rate phase did not finish in {PHASE_LIMIT_S}s[/red]")
-                results.update(
-                    latency_records=0.0,
-                    latency_p50_ms=float("nan"),
-                    latency_p99_ms=float("nan"),
-                    alert_latency_p99_ms=float("nan"),
-                    alerts_measured=0.0,
-                    timed_out="fixed_rate",
-                )
-            # With --profile: what autovacuum did meanwhile, on the tables the drain filled.
-            autovacuum = await profile.autovacuum_since_mark() if profile is not None else None
-            if autovacuum is not None:
-                results["profile"]["autovacuum_fixed_rate"] = autovacuum
         finally:
             worker.stop()
+        results["cpu_us_per_event"] = (
+            results["cpu_s_per_1k_events"] + results.get("postgres_cpu_s_per_1k_events", 0.0)
+        ) * 1000
 
         console.print("raw COPY...")
         results["raw_copy_eps"] = await asyncio.wait_for(raw_copy(settings, load), PHASE_LIMIT_S)
@@ -190,8 +167,30 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
         results["replay_eps"] = await replay(
             settings.model_copy(update={"consumer_group": f"bench{run}-replay"}),
             workdir / "replay.log",
-            # The replay group reads the fixed-rate records too.
-            load.total + results["latency_records"],
+            load.total,
+        )
+
+        processes = os.cpu_count() or 1
+        console.print(
+            f"the whole machine: {processes} worker processes, a new load, then the latency "
+            f"curve at {', '.join(map(str, CURVE_LOADS_PCT))}% of their throughput..."
+        )
+        results.update(
+            await machine(
+                settings, workdir, build_load(events, run=f"{run}-m-"), processes=processes,
+                fixed_rate_s=fixed_rate_s, run=f"{run}-m-", customers=customer_count(events),
+                servers=servers,
+            )
+        )  # fmt: skip
+        half = next(p for p in results["latency_curve"] if p["load_pct"] == HALF_PCT)
+        results.update(
+            latency_p50_ms=half["p50_ms"],
+            latency_p99_ms=half["p99_ms"],
+            alert_latency_p99_ms=half["alert_p99_ms"],
+            alerts_measured=half["alerts_measured"],
+            fixed_rate_eps=half["rate_eps"],
+            fixed_rate_machine_busy_pct=half["machine_busy_pct"],
+            fixed_rate_cpu_cores=half["cores"],
         )
 
         console.print("the HTTP API, beside the direct producer...")
@@ -211,6 +210,9 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
             await asyncio.to_thread(stack.stop)
     results["ratio_throughput_to_raw_copy"] = results["throughput_eps"] / results["raw_copy_eps"]
     results["ratio_throughput_to_naive"] = results["throughput_eps"] / results["naive_eps"]
+    results["ratio_machine_to_raw_copy"] = (
+        results["machine_throughput_eps"] / results["raw_copy_eps"]
+    )
     results["ratio_throughput_to_raw_consume"] = (
         results["throughput_eps"] / results["raw_consume_eps"]
     )

@@ -8,6 +8,7 @@ What it has done is read from its Prometheus endpoint, its CPU and memory from t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -36,30 +37,55 @@ def _poll_pause(events: float, at_least: float, first: float | None, now: float)
 
 class WorkerRun:
     """A real ``chargeline worker`` process (``all`` unless ``kinds`` says otherwise),
-    watched through its /metrics."""
+    watched through its /metrics; with ``processes`` above 1, ``chargeline worker
+    --processes N`` and its N children, their metrics summed."""
 
-    def __init__(self, settings: Settings, log: Path, kinds: tuple[str, ...] = ("all",)) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        settings: Settings,
+        log: Path,
+        kinds: tuple[str, ...] = ("all",),
+        *,
+        processes: int = 1,
+    ) -> None:
+        self.ports = free_ports(processes)
+        self.port = self.ports[0]
         env = {
             **os.environ,
             **settings.model_copy(update={"metrics_port": self.port}).as_env(),
         }
+        several = ["--processes", str(processes)] if processes > 1 else []
         with log.open("ab") as out:
             self.process = subprocess.Popen(  # noqa: S603 -- our own module, arguments we build.
-                [sys.executable, "-m", "workers.cli.main", "worker", *kinds],
+                [sys.executable, "-m", "workers.cli.main", "worker", *several, *kinds],
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self.ps = psutil.Process(self.process.pid)
+        self.processes = processes
+
+    def _workers(self) -> list[psutil.Process]:
+        """The processes that do the work: the worker, or the supervisor's children."""
+        if self.processes == 1:
+            return [self.ps]
+        try:
+            return list(self.ps.children())
+        except psutil.NoSuchProcess:
+            return []
 
     async def metrics(self) -> dict[str, Any]:
-        url = f"http://127.0.0.1:{self.port}/metrics"
-        try:
-            async with aiohttp.ClientSession() as session, session.get(url) as response:
-                text = await response.text()
-        except aiohttp.ClientError:
+        """Events counted and the event-lag histogram, summed over the worker processes."""
+        texts = []
+        async with aiohttp.ClientSession() as session:
+            for port in self.ports:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                        texts.append(await response.text())
+                except aiohttp.ClientError:
+                    continue
+        if not texts:
             return {}
         samples: dict[str, Any] = {"events": 0.0, "lag_buckets": {}, "lag_count": 0.0}
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families("\n".join(texts)):
             for s in family.samples:
                 if s.name == "chargeline_events_total":
                     samples["events"] += s.value
@@ -96,15 +122,24 @@ class WorkerRun:
         raise TimeoutError(f"worker did not reach {at_least} events in {limit_s}s")
 
     def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return float(times.user + times.system)
+        """CPU seconds of the worker processes (and of a supervisor, which does next to
+        nothing)."""
+        total = 0.0
+        for process in {self.ps, *self._workers()}:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
 
     def peak_rss_mib(self) -> float:
-        with open(f"/proc/{self.process.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+        """The largest peak resident set of one worker process."""
+        peaks = [float("nan")]
+        for process in self._workers():
+            with contextlib.suppress(OSError), open(f"/proc/{process.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        peaks.append(int(line.split()[1]) / 1024)
+        return max(peaks[1:], default=peaks[0])
 
     def stop(self) -> None:
         self.process.terminate()
@@ -118,3 +153,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` consecutive free loopback ports (a supervisor gives child i its base + i)."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(base, base + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return list(range(base, base + count))
+    raise RuntimeError(f"no {count} consecutive free ports")
