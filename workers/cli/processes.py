@@ -63,6 +63,10 @@ def add_bench(nouns: argparse._SubParsersAction[Parser]) -> None:
 
 
 async def worker_command(settings: Settings, args: argparse.Namespace) -> int:
+    if args.processes > 1:
+        from workers.supervisor import supervise
+
+        return await supervise(settings, tuple(args.kinds), args.processes)
     from workers.app import WorkerProcess
 
     await WorkerProcess(settings, tuple(args.kinds)).run()
