@@ -23,7 +23,7 @@ KEYS = (
     "latency_p50_ms", "latency_p99_ms", "alert_latency_p99_ms", "replay_eps",
     "worker_peak_rss_mib", "cpu_s_per_1k_events",
     "direct_publish_eps", "api_single_rps", "api_batch_eps", "api_latency_p99_ms",
-    "api_wait_latency_p99_ms", "ratio_api_batch_to_direct_publish",
+    "api_wait_latency_p99_ms", "api_latency_applying_p99_ms", "ratio_api_batch_to_direct_publish",
     "machine_throughput_eps", "machine_processes", "cpu_us_per_event",
 )  # fmt: skip
 

@@ -1,8 +1,9 @@
 """The HTTP path beside the direct producer: the same kind of charge events, published
 straight to Kafka by the bench's producer (the baseline), then sent through a real
 ``chargeline api`` process, one charge a request and 500 a request; then the latency of
-one charge at half the API's single-charge capacity, answered at once (202) and waiting
-for the worker's verdict (``Prefer: wait=5``).
+one charge at half the API's single-charge capacity: answered at once (202) with nothing
+else running, then again while a charges worker applies them, and waiting for the worker's
+verdict (``Prefer: wait=5``).
 
 The API runs under uvicorn in a process of its own, as a deployment runs it, so that the
 load generator (aiohttp, in the bench's process) and the server never share an event loop.
@@ -294,8 +295,8 @@ async def http_api(
 ) -> dict[str, Any]:
     """Events/s published directly, requests/s of single charges and events/s of batches
     through the API, each for ``seconds``; then the p99 latency of single charges at half
-    the single-charge rate, without and with ``Prefer: wait``, for ``seconds`` each, a
-    charges worker running."""
+    the single-charge rate, for ``seconds`` each: the 202 alone, the 202 with a charges
+    worker applying them, and ``Prefer: wait`` with the same worker."""
     own = settings.model_copy(
         update={
             "topic_charges": f"{settings.topic_charges}-api",
@@ -340,25 +341,31 @@ async def http_api(
             figures["api_batch_eps"] = batch.done * BATCH_EVENTS / batch.seconds
             failed += single.failed + batch.failed
 
-            # Latency at half the single-charge capacity, with the worker applying charges.
+            # Latency at half the single-charge capacity: the 202 first, with no worker
+            # (an answer the broker's acknowledgement makes; nothing applies them yet), then
+            # again and with Prefer: wait while a charges worker applies them beside it.
             rate = figures["api_single_rps"] / 2
             count = max(1, math.ceil(rate * seconds))
-            quick = [
-                single_request(e)
-                for e in charge_events(count, customers, f"{run}api-lat-", seed=14)
-            ]
-            waiting = [
-                single_request(e)
-                for e in charge_events(count, customers, f"{run}api-wait-", seed=15)
-            ]
+            quick, applied, waiting = (
+                [
+                    single_request(e)
+                    for e in charge_events(count, customers, f"{run}{tag}", seed=seed)
+                ]
+                for tag, seed in (("api-lat-", 14), ("api-lat-applied-", 16), ("api-wait-", 15))
+            )
+            latencies, late = await at_rate(
+                session, api.base, quick, headers, rate, frozenset({202})
+            )
+            figures["api_latency_p99_ms"] = p99(latencies) * 1000
+            failed += late
             await skip_to_end(own, own.consumer_group, own.topic_charges)
             worker = WorkerRun(own, workdir / "api-worker.log", kinds=("charges",))
             try:
                 first = await _first_verdict(session, api, headers, run, customers)
                 latencies, late = await at_rate(
-                    session, api.base, quick, headers, rate, frozenset({202})
+                    session, api.base, applied, headers, rate, frozenset({202})
                 )
-                figures["api_latency_p99_ms"] = p99(latencies) * 1000
+                figures["api_latency_applying_p99_ms"] = p99(latencies) * 1000
                 # The worker caught up with them (and the first verdict's) before the next.
                 await worker.wait_events(first + count, limit_s=120)
                 # A 202 here is a verdict that did not come in time: its wait is in the p99.

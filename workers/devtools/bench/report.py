@@ -44,6 +44,11 @@ def _http_rows(results: dict[str, Any]) -> list[tuple[str, float, str]]:
             "same run, same broker",
         ),
         ("API latency p99 (ms), 202", results["api_latency_p99_ms"], rate),
+        (
+            "  the same, a worker applying them",
+            results["api_latency_applying_p99_ms"],
+            "the cores shared with the worker and Postgres",
+        ),
         ("API latency p99 (ms), Prefer: wait=5", results["api_wait_latency_p99_ms"], rate),
         *(
             [("  API requests failed", results["api_failed_requests"], "not in the figures")]
