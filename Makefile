@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-deep test-faults test-fast lint format schemas bench clean
+.PHONY: help install run test test-deep test-faults test-fast lint format schemas bench soak clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,6 +50,9 @@ schemas: $(STAMP) ## re-export the JSON Schema files from the pydantic models
 
 bench: $(STAMP) ## the benchmark: 1,000,000 events; figures and ratios, also in bench-results.json
 	$(BIN)/chargeline bench --events $${EVENTS:-1000000} --json bench-results.json
+
+soak: $(STAMP) ## the soak: 30 minutes (MINUTES=N) of load, worker crashes; checks, also in bench-soak.json
+	$(BIN)/chargeline soak --minutes $${MINUTES:-30} --json bench-soak.json
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

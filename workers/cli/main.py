@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 Command = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
 # Commands whose handlers import the worker stack (which logs) only when they run.
-_IMPORTS_WHEN_RUN = ("worker", "dev", "bench", "api")
+_IMPORTS_WHEN_RUN = ("worker", "dev", "bench", "soak", "api")
 
 
 def build_parser(chosen: str | None = None) -> Parser:

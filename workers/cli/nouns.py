@@ -56,4 +56,8 @@ NOUNS: dict[str, Noun] = {
         "workers.cli.verify:add_verify", "check the invariants; exit 1 on any violation"
     ),
     "bench": Noun("workers.cli.processes:add_bench", "measure throughput, limits and latency here"),
+    "soak": Noun(
+        "workers.cli.processes:add_soak",
+        "a long run at a fixed rate with worker crashes: memory, latency, outbox, verify",
+    ),
 }

@@ -1,7 +1,7 @@
-"""``chargeline worker``, ``dev`` and ``bench``: the commands that run processes.
+"""``chargeline worker``, ``dev``, ``bench`` and ``soak``: the commands that run processes.
 
-The worker stack, the embedded servers and the bench harness are imported by the command
-that runs them, not when the parser is built.
+The worker stack, the embedded servers and the bench and soak harnesses are imported by the
+command that runs them, not when the parser is built.
 """
 
 from __future__ import annotations
@@ -62,6 +62,29 @@ def add_bench(nouns: argparse._SubParsersAction[Parser]) -> None:
     bench.set_defaults(run=bench_command)
 
 
+def _minutes_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def add_soak(nouns: argparse._SubParsersAction[Parser]) -> None:
+    soak = add_noun(nouns, "soak")
+    soak.add_argument("--minutes", type=positive_int, default=30, help="length of the load")
+    soak.add_argument(
+        "--rate", type=positive_float, metavar="EVENTS_PER_S",
+        help="the load's rate (default: a quarter of the capacity measured first)",
+    )  # fmt: skip
+    soak.add_argument(
+        "--crash-every-min", type=_minutes_or_zero, default=5, metavar="N",
+        help="SIGKILL the ingest worker every N minutes (0: never)",
+    )  # fmt: skip
+    soak.add_argument(
+        "--window-min", type=positive_int, metavar="N",
+        help="latency window (default: the crash period, at most 5)",
+    )  # fmt: skip
+    soak.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    soak.set_defaults(run=soak_command)
+
+
 async def worker_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.processes > 1:
         from workers.supervisor import supervise
@@ -93,3 +116,18 @@ async def bench_command(settings: Settings, args: argparse.Namespace) -> int:
         profile_dir=args.profile,
     )
     return 0
+
+
+async def soak_command(settings: Settings, args: argparse.Namespace) -> int:
+    require_local_extra("soak")
+    from workers.devtools.soak import run_soak
+
+    results = await run_soak(
+        settings,
+        minutes=args.minutes,
+        rate=args.rate,
+        crash_every_min=args.crash_every_min,
+        window_min=args.window_min,
+        json_path=args.json,
+    )
+    return 0 if results["ok"] else 1
