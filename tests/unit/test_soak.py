@@ -169,8 +169,11 @@ def test_cores_per_window_across_a_restart() -> None:
 # -- flatness -----------------------------------------------------------------------------
 
 
-def window(p99: float, records: float = 10_000) -> dict[str, Any]:
-    return {"steady_p99_ms": p99, "steady_records": records}
+def window(p99: float, steady: float = 10_000, records: float = 12_000) -> dict[str, Any]:
+    return {
+        "from_min": 0, "to_min": 5, "records": records, "steady_records": steady,
+        "steady_p99_ms": p99,
+    }  # fmt: skip
 
 
 def test_flat_is_the_largest_window_under_twice_the_median() -> None:
@@ -180,11 +183,14 @@ def test_flat_is_the_largest_window_under_twice_the_median() -> None:
     assert not steep.flat and steep.windows == 4
 
 
-def test_windows_of_few_steady_records_are_left_out_and_one_window_is_no_trend() -> None:
-    flat = flatness([window(400), window(450), window(5000, records=20)])
-    assert flat.flat and flat.windows == 2 and "1 window(s)" in flat.note
-    alone = flatness([window(400), window(math.nan, records=0)])
-    assert not alone.flat and "needs 2 windows" in alone.note
+def test_a_window_never_steady_is_a_miss_and_one_of_a_handful_of_records_left_out() -> None:
+    few = flatness([window(400), window(450), window(5000, steady=20, records=20)])
+    assert few.flat and few.windows == 2 and "1 window(s) of under" in few.note
+    # The worker never caught up after its crash: no steady p99 to compare, and no pass.
+    never = flatness([window(400), window(450), window(math.nan, steady=0)])
+    assert not never.flat and "1 window(s) never steady" in never.note
+    alone = flatness([window(400), window(math.nan, steady=0, records=0)])
+    assert not alone.flat and "needs 2 steady windows" in alone.note
 
 
 # -- resident set ------------------------------------------------------------------------
@@ -197,7 +203,7 @@ def test_a_level_is_the_median_of_the_last_minute_of_steady_samples() -> None:
     samples += [RssSample(t, 2, 80.0) for t in range(180, 250, 10)]
     assert rss_level(samples, 120) == pytest.approx(109.5)  # 70..120 s: 107..112
     # While the new process recovers, the level is the last steady one's.
-    assert rss_level(samples, 170) == pytest.approx(113.5)  # 120..150 s: 112..115
+    assert rss_level(samples, 170) == pytest.approx(112.5)  # its last minute: 100..150 s
     assert rss_level(samples, 240) == 80.0
     # One process's samples, never a median across a restart.
     assert rss_level(samples, 180) == 80.0
@@ -206,6 +212,9 @@ def test_a_level_is_the_median_of_the_last_minute_of_steady_samples() -> None:
     assert summary["early_incarnation"] == 1 and summary["end_incarnation"] == 2
     assert summary["growth_pct"] == pytest.approx(100 * (80 / 109.5 - 1))
     assert math.isnan(rss_level([RssSample(10, 1, 90.0, steady=False)], 10))
+    # No process steady in the last window (300 s): the level is unknown.
+    assert math.isnan(rss_level(samples, 600, lookback_s=300))
+    assert rss_summary(samples, 120, 600, lookback_s=300)["end_incarnation"] == 0
 
 
 # -- acceptance -----------------------------------------------------------------------

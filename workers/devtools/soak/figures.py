@@ -220,21 +220,30 @@ def flatness(
     factor: float = FLAT_FACTOR,
     min_records: float = WINDOW_MIN_RECORDS,
 ) -> Flatness:
-    """The steady p99 is flat when the largest window's is under ``factor`` times the
-    median of the windows' (windows with fewer than ``min_records`` steady records left
-    out: their p99 is a handful of records). Fewer than two windows cannot show a trend,
-    so the rule is then missed, not met."""
-    values = [
-        w["steady_p99_ms"]
-        for w in windows
-        if w["steady_records"] >= min_records and math.isfinite(w["steady_p99_ms"])
-    ]
-    left_out = len(windows) - len(values)
-    note = f", {left_out} window(s) with under {min_records:,.0f} steady records left out"
+    """The steady p99 is flat when every window was steady for a while (at least
+    ``min_records`` steady records: the worker caught up after its crash) and the largest
+    window's p99 is under ``factor`` times the median of the windows'. A window with fewer
+    than ``min_records`` records at all is left out (a handful of records has no p99); a
+    window that had records but never steady ones is a miss, not a gap (the worker never
+    caught up in it). Fewer than two windows cannot show a trend: missed too."""
+    counted = [w for w in windows if w["records"] >= min_records]
+    never = [w for w in counted if w["steady_records"] < min_records]
+    values = [w["steady_p99_ms"] for w in counted if w not in never]
+    notes = []
+    if never:
+        notes.append(
+            f"{len(never)} window(s) never steady (the worker had not caught up): "
+            + ", ".join(f"{w['from_min']:g}-{w['to_min']:g} min" for w in never)
+        )
+    if len(counted) < len(windows):
+        notes.append(f"{len(windows) - len(counted)} window(s) of under {min_records:,.0f} records")
     if len(values) < 2:
-        return Flatness(False, math.nan, math.nan, len(values), "needs 2 windows" + note)
+        notes.append("needs 2 steady windows")
+    note = "; ".join(notes) or "every window steady"
+    if len(values) < 2:
+        return Flatness(False, math.nan, math.nan, len(values), note)
     largest, median = max(values), statistics.median(values)
-    return Flatness(largest < factor * median, largest, median, len(values), note[2:])
+    return Flatness(not never and largest < factor * median, largest, median, len(values), note)
 
 
 # -- resident set ----------------------------------------------------------------------
@@ -248,42 +257,51 @@ class RssSample:
     steady: bool = True  # doing its steady work: an ingest process caught up with the load
 
 
-def rss_level(samples: Sequence[RssSample], at_s: float, span_s: float = LEVEL_SPAN_S) -> float:
-    """The resident set at ``at_s``: the median of the steady samples of the last
-    ``span_s`` (one sample is noisy: a batch in flight, a collection not yet run) of one
-    process, the latest sampled steady. A process still recovering from a crash is not at
-    its level: while it recovers, the level is its predecessor's last."""
-    steady = [s for s in samples if s.steady and s.at_s <= at_s + 1e-9]
+def rss_level(
+    samples: Sequence[RssSample],
+    at_s: float,
+    span_s: float = LEVEL_SPAN_S,
+    lookback_s: float = WINDOW_MAX_S,
+) -> float:
+    """The resident set at ``at_s``: the median of one process's steady samples over
+    ``span_s`` (one sample is noisy: a batch in flight, a collection not yet run), the
+    latest process sampled steady within ``lookback_s`` before ``at_s``: a process still
+    recovering from a crash is not at its level, its predecessor's last level stands for
+    it. NaN when no process was steady within ``lookback_s`` (the worker never caught up
+    then: its level is unknown, and the check that uses it is missed)."""
+    steady = [s for s in samples if s.steady and at_s - lookback_s < s.at_s <= at_s + 1e-9]
     if not steady:
         return math.nan
     alive, last = steady[-1].incarnation, steady[-1].at_s
-    since = min(at_s, last) if last < at_s - span_s else at_s
-    recent = [s.mib for s in steady if s.incarnation == alive and s.at_s > since - span_s]
+    recent = [s.mib for s in steady if s.incarnation == alive and s.at_s > last - span_s]
     return statistics.median(recent)
 
 
-def rss_summary(samples: Sequence[RssSample], early_s: float, end_s: float) -> dict[str, Any]:
+def rss_summary(
+    samples: Sequence[RssSample], early_s: float, end_s: float, lookback_s: float = WINDOW_MAX_S
+) -> dict[str, Any]:
     """start (first sample), early (level after the first minutes), max, end (level at the
-    end) and how much the end is above the early level."""
+    end), and how much the end is above the early level; the processes those levels are of
+    (0: none was steady)."""
     if not samples:
         return {"start": math.nan, "early": math.nan, "max": math.nan, "end": math.nan}
-    early = rss_level(samples, early_s)
-    end = rss_level(samples, end_s)
+    early = rss_level(samples, early_s, lookback_s=lookback_s)
+    end = rss_level(samples, end_s, lookback_s=lookback_s)
     return {
         "start": samples[0].mib,
         "early": early,
         "early_at_min": early_s / 60,
-        "early_incarnation": _alive(samples, early_s),
+        "early_incarnation": _alive(samples, early_s, lookback_s),
         "max": max(s.mib for s in samples),
         "end": end,
-        "end_incarnation": _alive(samples, end_s),
+        "end_incarnation": _alive(samples, end_s, lookback_s),
         "growth_pct": 100 * (end / early - 1) if early > 0 else math.nan,
     }
 
 
-def _alive(samples: Sequence[RssSample], at_s: float) -> int:
-    """The process whose steady samples make the level at ``at_s`` (the latest)."""
-    before = [s for s in samples if s.steady and s.at_s <= at_s + 1e-9]
+def _alive(samples: Sequence[RssSample], at_s: float, lookback_s: float) -> int:
+    """The process whose steady samples make the level at ``at_s`` (0: none)."""
+    before = [s for s in samples if s.steady and at_s - lookback_s < s.at_s <= at_s + 1e-9]
     return before[-1].incarnation if before else 0
 
 
@@ -306,15 +324,17 @@ def acceptance(results: dict[str, Any]) -> list[Check]:
     checks = []
     for role, rss in results["rss_mib"].items():
         early, end = rss["early"], rss["end"]
+        known = math.isfinite(end) and math.isfinite(early)
         checks.append(
             Check(
                 f"{role} process RSS at the end within 10% of its level at "
                 f"{rss.get('early_at_min', 0):g} min",
-                f"{end:,.1f} MiB vs {early:,.1f} MiB ({rss.get('growth_pct', math.nan):+.1f}%)",
+                f"{end:,.1f} MiB vs {early:,.1f} MiB ({rss.get('growth_pct', math.nan):+.1f}%)"
+                if known
+                else "unknown: no process had caught up in the window before "
+                + ("the end" if math.isfinite(early) else f"{rss.get('early_at_min', 0):g} min"),
                 "end <= 1.10 x early",
-                math.isfinite(end)
-                and math.isfinite(early)
-                and end <= (1 + RSS_GROWTH_LIMIT) * early,
+                known and end <= (1 + RSS_GROWTH_LIMIT) * early,
             )
         )
     verify = results["verify"].get("end") or {}

@@ -112,7 +112,7 @@ def _rss_table(results: dict[str, Any]) -> Table:
             f"{rss.get('early_at_min', math.nan):g} min)",
             _n(rss["max"], 1),
             f"{_n(rss['end'], 1)} (#{rss.get('end_incarnation', '-')})",
-            f"{rss.get('growth_pct', math.nan):+.1f}%",
+            f"{growth:+.1f}%" if math.isfinite(growth := rss.get("growth_pct", math.nan)) else "-",
             str(incarnations),
         )
     return table

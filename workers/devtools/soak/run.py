@@ -235,7 +235,7 @@ def summarize(soak: Soak, duration_s: float, window_s: float) -> dict[str, Any]:
             for role in (soak.ingest, soak.relay)
         },
         "rss_mib": {
-            role.name: rss_summary(role.rss, early_s, duration_s)
+            role.name: rss_summary(role.rss, early_s, duration_s, lookback_s=window_s)
             for role in (soak.ingest, soak.relay)
         },
         "rss_samples": {
