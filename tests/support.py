@@ -275,15 +275,18 @@ async def outbox_empty(settings: Settings) -> bool:
 
 
 async def assert_invariants(settings: Settings) -> None:
-    """`chargeline verify`'s checks pass on this test's database."""
-    from workers.jobs.verify import verify
+    """`chargeline verify`'s checks pass on this test's database: on all history (`--full`),
+    and since the checkpoint (which, on a database not verified before, is all history too:
+    the two sets of queries are held to the same verdict)."""
+    from workers.jobs.verify import verify, verify_recent
 
-    conn = await asyncpg.connect(settings.dsn)
+    conn, fence = await asyncpg.connect(settings.dsn), await asyncpg.connect(settings.dsn)
     try:
-        report = await verify(conn)
+        for report in (await verify(conn), await verify_recent(conn, fence)):
+            assert report.ok, orjson.dumps(report.as_dict(), default=str).decode()
     finally:
         await conn.close()
-    assert report.ok, orjson.dumps(report.as_dict(), default=str).decode()
+        await fence.close()
 
 
 # --- payouts ---

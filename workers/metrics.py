@@ -234,6 +234,16 @@ class Metrics:
             "When verify last completed (Unix time).",
             registry=r,
         )
+        self.verify_duration = Gauge(
+            "chargeline_verify_duration_seconds",
+            "How long the last verify took (from taking its snapshot to its verdict).",
+            registry=r,
+        )
+        self.verify_entries = Gauge(
+            "chargeline_verify_entries_checked",
+            "Ledger entries the last verify checked: those after the previous checkpoint.",
+            registry=r,
+        )
         self.ready = Gauge(
             "chargeline_worker_ready",
             "1 when the worker's consumer is assigned and its database reachable.",

@@ -10,6 +10,7 @@ import asyncpg
 from tests.support import (
     charge,
     cli,
+    fetchval,
     grant,
     ingest_done,
     outbox_empty,
@@ -43,10 +44,10 @@ async def _load(settings: Settings) -> None:
         await wait_for(functools.partial(outbox_empty, settings), what="outbox")
 
 
-def verdict(settings: Settings) -> tuple[int, dict[str, Any]]:
+def verdict(settings: Settings, *args: str) -> tuple[int, dict[str, Any]]:
     import orjson
 
-    done = cli(settings, "verify", "--format", "json")
+    done = cli(settings, "verify", "--format", "json", *args)
     return done.returncode, orjson.loads(done.stdout)
 
 
@@ -54,6 +55,7 @@ async def test_verify_passes_then_finds_each_corruption(settings: Settings) -> N
     await _load(settings)
     code, report = verdict(settings)
     assert (code, report["ok"], report["violations"]) == (0, True, [])
+    assert report["mode"] == "recent" and report["scope"]["since"] is None
 
     conn = await asyncpg.connect(settings.dsn)
     try:
@@ -69,7 +71,8 @@ async def test_verify_passes_then_finds_each_corruption(settings: Settings) -> N
             "UPDATE ledger_entries SET usage_id = usage_id + 1000000 "
             "WHERE customer_ref = 'c2' AND usage_id IS NOT NULL RETURNING reference"
         )
-        code, report = verdict(settings)
+        # History the checkpoint covers, rewritten: what --full is for.
+        code, report = verdict(settings, "--full")
         checks = {v["check"] for v in report["violations"]}
         assert (moved, code) == ("u2", 1) and "ledger_references" in checks
         await conn.execute(
@@ -79,20 +82,21 @@ async def test_verify_passes_then_finds_each_corruption(settings: Settings) -> N
 
         # A charge whose flow is gone: what the charges' foreign key used to refuse (0007).
         await conn.execute("UPDATE charges SET flow_id = 'flow_gone' WHERE reference = 'r1'")
-        code, report = verdict(settings)
+        code, report = verdict(settings, "--full")
         assert code == 1 and {v["check"] for v in report["violations"]} == {"charge_flows"}
         assert report["violations"][0]["rows"][0]["flow_id"] == "flow_gone"
         await conn.execute("UPDATE charges SET flow_id = 'flow_a' WHERE reference = 'r1'")
 
         await conn.execute("DELETE FROM ledger_entries WHERE customer_ref = 'c2'")
-        code, report = verdict(settings)
+        code, report = verdict(settings, "--full")
         checks = {v["check"] for v in report["violations"]}
         assert code == 1 and {"balances", "usage_applied_once"} <= checks
     finally:
         await conn.close()
-    table = cli(settings, "verify")
+    table = cli(settings, "verify", "--full")
     assert table.returncode == 1
     assert "invariant 2 (balances)" in table.stdout and "c2" in table.stdout
+    assert "all history" in table.stdout
 
 
 async def test_verify_finds_a_charge_claimed_by_two_payouts(settings: Settings) -> None:
@@ -130,7 +134,7 @@ async def test_verify_finds_usage_paid_out_of_consumption_order(settings: Settin
     async with running_worker(settings, "usage") as process:
         await produce(settings, settings.topic_usage, [record(e) for e in events])
         await wait_for(functools.partial(ingest_done, process, 3), what="3 records")
-    code, report = verdict(settings)
+    code, report = verdict(settings, "--full")  # no checkpoint: the next run reads it all
     assert (code, report["violations"]) == (0, [])
     conn = await asyncpg.connect(settings.dsn)
     try:
@@ -155,3 +159,107 @@ async def test_verify_finds_usage_paid_out_of_consumption_order(settings: Settin
         {"customer_ref": "x", "seq": 3, "usage_reference": "u1", "paid_by": "g-old",
          "passed_over": "g-new"}
     ]  # fmt: skip
+
+
+# --- since the checkpoint ---------------------------------------------------------------
+
+
+async def _recent(settings: Settings) -> Any:
+    from workers.jobs.verify import verify_recent
+
+    conn, fence = await asyncpg.connect(settings.dsn), await asyncpg.connect(settings.dsn)
+    try:
+        return await verify_recent(conn, fence)
+    finally:
+        await conn.close()
+        await fence.close()
+
+
+async def test_verify_checks_what_came_after_its_checkpoint(settings: Settings) -> None:
+    await _load(settings)
+    entries = await fetchval(settings, "SELECT count(*) FROM ledger_entries")
+    code, report = verdict(settings)
+    assert (code, report["scope"]["entries"], report["scope"]["customers"]) == (0, entries, 2)
+    code, report = verdict(settings)
+    assert (code, report["scope"]["entries"]) == (0, 0) and report["scope"]["since"]
+
+    # New usage after the checkpoint, one of its entries rewritten before verify runs.
+    async with running_worker(settings, "usage") as process:
+        await produce(settings, settings.topic_usage, [record(usage("c1", "u3", 40))])
+        await wait_for(functools.partial(ingest_done, process, 1), what="1 record")
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        await conn.execute(
+            "UPDATE ledger_entries SET usage_id = usage_id + 1000000 WHERE reference = 'u3'"
+        )
+        for _ in range(2):  # a failing run leaves the checkpoint where it was
+            code, report = verdict(settings)
+            checks = {v["check"] for v in report["violations"]}
+            assert code == 1 and checks == {"ledger_references", "usage_applied_once"}
+            assert report["scope"]["entries"] == 1
+        await conn.execute(
+            "UPDATE ledger_entries SET usage_id = usage_id - 1000000 WHERE reference = 'u3'"
+        )
+        code, report = verdict(settings)
+        assert (code, report["scope"]["entries"], report["scope"]["customers"]) == (0, 1, 1)
+
+        # An alert checked before, put in the outbox again: it would be sent twice.
+        copy = await conn.fetchval(
+            "INSERT INTO outbox (kind, topic, record_key, record_value, published_at)"
+            " SELECT kind, topic, record_key, record_value, now() FROM outbox"
+            " WHERE kind = 'alert' ORDER BY outbox_id LIMIT 1 RETURNING outbox_id"
+        )
+        code, report = verdict(settings)
+        assert code == 1 and {v["check"] for v in report["violations"]} == {"alerts_in_outbox"}
+        await conn.execute("DELETE FROM outbox WHERE outbox_id = $1", copy)
+
+        # A grant's tokens changed with no ledger entry: its state is compared whole.
+        await conn.execute("UPDATE grants SET remaining = remaining + 5 WHERE reference = 'g2'")
+        code, report = verdict(settings)
+        assert code == 1 and {v["check"] for v in report["violations"]} == {"grants"}
+        await conn.execute("UPDATE grants SET remaining = remaining - 5 WHERE reference = 'g2'")
+
+        # An old charge's flow rewritten: history the checkpoint covers is --full's to read.
+        await conn.execute("UPDATE charges SET flow_id = 'flow_gone' WHERE reference = 'r1'")
+        assert verdict(settings)[0] == 0
+        code, report = verdict(settings, "--full")
+        assert code == 1 and report["mode"] == "full" and report["scope"] is None
+        assert {v["check"] for v in report["violations"]} == {"charge_flows"}
+    finally:
+        await conn.close()
+
+
+async def test_verify_runs_beside_ingestion_and_misses_nothing(settings: Settings) -> None:
+    """Runs taken while a worker writes each see a consistent cut, and their checkpoints
+    together cover every row: at the end the checkpoint is at the last entry of every
+    customer and the last usage event, and a full run agrees."""
+    await setup_pipeline(settings, partitions=2)
+    customers = [f"k{i}" for i in range(20)]
+    events = [record(grant(c, "g", 1_000)) for c in customers]
+    events += [record(usage(c, f"u{n}", 7)) for n in range(150) for c in customers]
+    runs = []
+    async with running_worker(settings, "usage") as process:
+        await produce(settings, settings.topic_usage, events[:20])
+        await wait_for(functools.partial(ingest_done, process, 20), what="the grants")
+        for start in range(20, len(events), 100):
+            await produce(settings, settings.topic_usage, events[start : start + 100])
+            runs.append(await _recent(settings))
+        while not await ingest_done(process, len(events)):
+            runs.append(await _recent(settings))
+        runs.append(await _recent(settings))
+    assert all(run.ok for run in runs), [v.as_dict() for run in runs for v in run.violations]
+    assert sum(1 for run in runs if run.scope.entries) >= 2, "no run saw ingestion under way"
+    assert sum(run.scope.entries for run in runs) == await fetchval(
+        settings, "SELECT count(*) FROM ledger_entries"
+    )
+    behind = await fetchval(
+        settings,
+        "SELECT count(*) FROM customers c LEFT JOIN verify_customer_checkpoints k"
+        " USING (customer_ref) WHERE k.seq IS DISTINCT FROM c.ledger_seq",
+    )
+    usage_through = await fetchval(settings, "SELECT usage_id_through FROM verify_checkpoint")
+    assert (behind, usage_through) == (
+        0,
+        await fetchval(settings, "SELECT max(usage_id) FROM usage_events"),
+    )
+    assert verdict(settings, "--full")[0] == 0

@@ -1,16 +1,21 @@
 """``chargeline verify``: the invariants of SPEC.md section 9, checked against Postgres.
 
 Each check is one set-based query returning the rows that break it (the first few, with
-a count), so it stays fast on a database with millions of events. The result is also a
-metric (``chargeline_verify_violations{invariant}``), set by the verify worker, so ops can
-alert on drift.
+a count). A run checks what came after the last passing run's checkpoint, against the
+state that run recorded (``verify_recent.sql``), so its cost follows the traffic since,
+not all history; ``full`` checks everything (``verify.sql``) and leaves the checkpoint
+alone. The result is also a metric (``chargeline_verify_violations{invariant}``), set by
+the verify worker, so ops can alert on drift.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import asyncpg
 
 from workers import db
 from workers.db import Connection, Pool
@@ -49,6 +54,19 @@ CHECKS: list[tuple[int, str, str, str]] = [
 INVARIANTS = (1, 2, 3, 4, 5)
 SHOWN_ROWS = 20
 
+# One run at a time: each starts from the checkpoint the last one wrote.
+_VERIFY_LOCK_ID = 0x76657269  # "veri"
+# The fence's SHARE lock waits for the writers in flight and holds new ones back while it
+# waits: it gives up soon (before deadlock_timeout, so a writer is never the one aborted)
+# and tries again.
+FENCE_LOCK_TIMEOUT_MS = 500
+FENCE_ATTEMPTS = 20
+FENCED_TABLES = "usage_events, charges, dead_letters, outbox"
+
+
+class FenceUnavailable(RuntimeError):
+    """The writers of the numbered tables never paused long enough to fence them."""
+
 
 @dataclass
 class Violation:
@@ -67,10 +85,23 @@ class Violation:
 
 
 @dataclass
+class Scope:
+    """What a run since the checkpoint covered."""
+
+    since: Any  # the checkpoint's time; None on a first run, which checks everything
+    entries: int
+    customers: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"since": self.since, "entries": self.entries, "customers": self.customers}
+
+
+@dataclass
 class Report:
     violations: list[Violation] = field(default_factory=list)
     checks: int = 0
     seconds: float = 0.0
+    scope: Scope | None = None  # None: a full run
 
     @property
     def ok(self) -> bool:
@@ -88,29 +119,101 @@ class Report:
             "violations": [v.as_dict() for v in self.violations],
             "checks": self.checks,
             "seconds": round(self.seconds, 3),
+            "mode": "full" if self.scope is None else "recent",
+            "scope": None if self.scope is None else self.scope.as_dict(),
         }
 
 
 async def verify(conn: Connection, *, limit: int = SHOWN_ROWS) -> Report:
-    """Run every check in one repeatable-read snapshot, so checks agree with each other."""
+    """Every check on all history, in one repeatable-read snapshot, so checks agree with
+    each other. Reads only."""
     report = Report()
     started = time.monotonic()
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        for invariant, check, query, description in CHECKS:
-            rows = await conn.fetch(db.QUERIES[query], limit)
-            report.checks += 1
-            if rows:
-                report.violations.append(
-                    Violation(invariant, check, description, [dict(r.items()) for r in rows])
-                )
+        await _run_checks(conn, report, limit, recent=False)
     report.seconds = time.monotonic() - started
     return report
+
+
+async def verify_recent(conn: Connection, fence: Connection, *, limit: int = SHOWN_ROWS) -> Report:
+    """Every check on what came after the checkpoint, then, if all pass, the checkpoint
+    moved to this run's snapshot. ``fence`` is a second connection, held only while the
+    snapshot is taken. The first run (no checkpoint) checks everything."""
+    report = Report()
+    started = time.monotonic()
+    await conn.execute("SELECT pg_advisory_lock($1)", _VERIFY_LOCK_ID)
+    try:
+        transaction, numbers = await _fenced_snapshot(conn, fence)
+        try:
+            await conn.execute(db.QUERIES["verify_recent_window"])
+            scope = await conn.fetchrow(db.QUERIES["verify_recent_scope"])
+            assert scope is not None
+            report.scope = Scope(scope["since"], scope["entries"], scope["customers"])
+            await _run_checks(conn, report, limit, recent=True)
+            if report.ok:
+                await conn.execute(db.QUERIES["verify_recent_advance"])
+                await conn.execute(db.QUERIES["verify_recent_advance_numbers"], *numbers)
+            await transaction.commit()
+        except BaseException:
+            await transaction.rollback()
+            raise
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _VERIFY_LOCK_ID)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def _fenced_snapshot(
+    conn: Connection, fence: Connection
+) -> tuple[db.Transaction, tuple[int, int, int, int]]:
+    """A repeatable-read transaction on ``conn`` whose snapshot was taken while no writer of
+    the numbered tables was in flight, with the last numbers handed out then: every row
+    numbered up to them is in the snapshot or never will be. The lock is held for as long
+    as taking the snapshot lasts, not for the checks."""
+    for attempt in range(FENCE_ATTEMPTS):
+        try:
+            async with fence.transaction(isolation="repeatable_read"):
+                await fence.execute(f"SET LOCAL lock_timeout = {FENCE_LOCK_TIMEOUT_MS}")
+                await fence.execute(f"LOCK TABLE {FENCED_TABLES} IN SHARE MODE")
+                cut = await fence.fetchrow(db.QUERIES["verify_fence"])
+                assert cut is not None
+                transaction = conn.transaction(isolation="repeatable_read")
+                await transaction.start()
+                try:
+                    # The id is Postgres's own (hex digits and dashes); SET takes no parameter.
+                    await conn.execute(f"SET TRANSACTION SNAPSHOT '{cut['snapshot']}'")
+                except BaseException:
+                    await transaction.rollback()
+                    raise
+        except asyncpg.LockNotAvailableError:
+            log.info("verify_fence_busy", attempt=attempt + 1)
+            await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+        else:
+            numbers = (cut["usage_id"], cut["charge_id"], cut["dead_letter_id"], cut["outbox_id"])
+            return transaction, numbers
+    raise FenceUnavailable(
+        f"could not lock {FENCED_TABLES} for {FENCE_LOCK_TIMEOUT_MS} ms in"
+        f" {FENCE_ATTEMPTS} attempts: a writer held them throughout"
+    )
+
+
+async def _run_checks(conn: Connection, report: Report, limit: int, *, recent: bool) -> None:
+    for invariant, check, query, description in CHECKS:
+        rows = await conn.fetch(db.QUERIES[f"verify_recent_{check}" if recent else query], limit)
+        report.checks += 1
+        if rows:
+            report.violations.append(
+                Violation(invariant, check, description, [dict(r.items()) for r in rows])
+            )
 
 
 def export(report: Report, metrics: Metrics) -> None:
     for invariant, count in report.by_invariant().items():
         metrics.verify_violations.labels(invariant=str(invariant)).set(count)
     metrics.verify_last_run.set(time.time())
+    metrics.verify_duration.set(report.seconds)
+    if report.scope is not None:
+        metrics.verify_entries.set(report.scope.entries)
 
 
 class VerifyWorker(PeriodicWorker):
@@ -130,7 +233,13 @@ class VerifyWorker(PeriodicWorker):
         report = await self.retry(self._once)
         export(report, self.metrics)
         if report.ok:
-            log.info("verify_passed", checks=report.checks, seconds=round(report.seconds, 3))
+            log.info(
+                "verify_passed",
+                checks=report.checks,
+                seconds=round(report.seconds, 3),
+                entries=report.scope.entries if report.scope else None,
+                customers=report.scope.customers if report.scope else None,
+            )
         else:
             log.error(
                 "verify_failed",
@@ -139,5 +248,5 @@ class VerifyWorker(PeriodicWorker):
         return False
 
     async def _once(self) -> Report:
-        async with self.pool.acquire() as conn:
-            return await verify(conn)
+        async with self.pool.acquire() as conn, self.pool.acquire() as fence:
+            return await verify_recent(conn, fence)

@@ -109,6 +109,8 @@ async def verify_once(settings: Settings) -> dict[str, Any]:
         "wall_s": wall_s,
         "checks_s": report.get("seconds", math.nan),
         "checks": report.get("checks", 0),
+        # What it covered: the ledger entries after the last passing run's checkpoint.
+        "entries": (report.get("scope") or {}).get("entries", 0),
         "ok": bool(report.get("ok")) and process.returncode == 0,
         "exit_code": process.returncode,
         "violations": report.get("violations", []),

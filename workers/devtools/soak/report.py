@@ -44,7 +44,8 @@ def _run_table(results: dict[str, Any]) -> Table:
         *(
             (f"verify ({label}): wall / checks (s)",
              f"{_n(v['wall_s'], 2)} / {_n(v['checks_s'], 2)}",
-             f"at {v['at_min']:.1f} min, {'ok' if v['ok'] else 'FAILED'}"
+             f"at {v['at_min']:.1f} min, {'ok' if v['ok'] else 'FAILED'},"
+             f" {v.get('entries', 0):,} new ledger entries"
              + (" (under load)" if label == "start" else " (load stopped, applied)"))
             for label in ("start", "end")
             if (v := verify.get(label))

@@ -33,7 +33,10 @@ console = Console(stderr=True)
 
 CAUGHT_UP_S = 2.0  # caught up: less than 2 s of load behind, over all partitions
 END_LIMIT_S = 300.0  # at the end: to apply the rest, and to publish the outbox
-VERIFY_AFTER_S = 60.0
+# verify runs every minute (the verify worker's default is every five), each checking what
+# came after the last: the first (under load) is the start's figure, the one after the load
+# the end's; flat when the end takes no longer than the start for as much new traffic.
+VERIFY_EVERY_S = 60.0
 
 
 class Soak:
@@ -259,7 +262,8 @@ class Soak:
             self.duration_s, self.crash_every_s
         )]  # fmt: skip
         events.append((relay_restart_time(self.duration_s, self.crash_every_s), "relay"))
-        events.append((min(VERIFY_AFTER_S, self.duration_s / 2), "verify"))
+        every = min(VERIFY_EVERY_S, self.duration_s / 2)
+        events += [(every * n, "verify") for n in range(1, int(self.duration_s / every))]
         for at_s, what in sorted(events):
             await self.sleep_until(at_s)
             if what == "crash":
@@ -267,13 +271,20 @@ class Soak:
             elif what == "relay":
                 await self.restart_relay(at_s)
             else:
-                self.spawn(self.run_verify("start"))
+                self.spawn(self.run_verify("during" if "runs" in self.verify else "start"))
 
     async def run_verify(self, label: str) -> None:
+        """One ``chargeline verify``: its figures under ``label`` (the first of each), every
+        run's in ``verify["runs"]``."""
         at_s = self.now()
-        self.verify[label] = {"at_min": at_s / 60, **await verify_once(self.settings)}
-        verdict = "ok" if self.verify[label]["ok"] else "FAILED"
-        console.print(f"  verify ({label}): {verdict} in {self.verify[label]['wall_s']:.1f}s")
+        run = {"at_min": at_s / 60, **await verify_once(self.settings)}
+        self.verify.setdefault(label, run)
+        self.verify.setdefault("runs", []).append({"label": label, **run})
+        verdict = "ok" if run["ok"] else "FAILED"
+        console.print(
+            f"  verify ({label}): {verdict} in {run['wall_s']:.1f}s,"
+            f" {run['entries']:,} ledger entries since the last"
+        )
 
     async def finish(self, conn: asyncpg.Connection) -> dict[str, Any]:
         """After the load: what the outbox held as it stopped; then everything applied and

@@ -1,0 +1,400 @@
+-- verify since its checkpoint (migration 0020): the same invariants as verify.sql, each
+-- checked on what came after the last passing run, against the state that run recorded.
+-- Each query returns the rows that break one invariant, at most $1, in the columns of its
+-- verify.sql twin. They read three temporary tables made by verify_recent_window:
+--   verify_from     one row: how far the numbered tables were checked;
+--   verify_window   per customer: its checkpoint (sequence number, balance, overage, last
+--                   alert) beside its row now;
+--   verify_fresh    the ledger entries after each customer's checkpoint.
+
+-- name: verify_fence
+-- Run with usage_events, charges, dead_letters and outbox locked in SHARE mode, so no transaction
+-- that writes them is in flight: every number handed out so far belongs to a transaction
+-- that has ended, and the snapshot exported here, which verify's own transaction adopts,
+-- holds each of them that committed.
+SELECT pg_export_snapshot() AS snapshot,
+       coalesce(pg_sequence_last_value(
+           pg_get_serial_sequence('usage_events', 'usage_id')::regclass), 0) AS usage_id,
+       coalesce(pg_sequence_last_value(
+           pg_get_serial_sequence('charges', 'charge_id')::regclass), 0) AS charge_id,
+       coalesce(pg_sequence_last_value(
+           pg_get_serial_sequence('dead_letters', 'dead_letter_id')::regclass), 0)
+           AS dead_letter_id,
+       coalesce(pg_sequence_last_value(
+           pg_get_serial_sequence('outbox', 'outbox_id')::regclass), 0) AS outbox_id;
+
+-- name: verify_recent_window
+CREATE TEMPORARY TABLE verify_from ON COMMIT DROP AS
+SELECT coalesce(max(usage_id_through), 0) AS usage_id,
+       coalesce(max(charge_id_through), 0) AS charge_id,
+       coalesce(max(dead_letter_id_through), 0) AS dead_letter_id,
+       coalesce(max(outbox_id_through), 0) AS outbox_id,
+       max(checked_at) AS checked_at
+FROM verify_checkpoint;
+
+CREATE TEMPORARY TABLE verify_window ON COMMIT DROP AS
+SELECT c.customer_ref, c.balance, c.overage,
+       coalesce(k.seq, 0) AS from_seq, coalesce(k.balance, 0) AS from_balance,
+       coalesce(k.overage, 0) AS from_overage, k.last_alert_type
+FROM customers c
+LEFT JOIN verify_customer_checkpoints k USING (customer_ref);
+
+-- An index range per customer: the ledger's primary key is (customer_ref, seq).
+CREATE TEMPORARY TABLE verify_fresh ON COMMIT DROP AS
+SELECT e.*
+FROM verify_window w
+CROSS JOIN LATERAL (
+    SELECT * FROM ledger_entries e WHERE e.customer_ref = w.customer_ref AND e.seq > w.from_seq
+) e;
+
+ANALYZE verify_window;
+ANALYZE verify_fresh;
+
+-- name: verify_recent_scope
+SELECT (SELECT checked_at FROM verify_from) AS since,
+       (SELECT count(*) FROM verify_fresh) AS entries,
+       (SELECT count(DISTINCT customer_ref) FROM verify_fresh) AS customers;
+
+-- name: verify_recent_duplicate_keys
+-- Each new row probes its own dedup key (grants, a small table, are grouped whole).
+SELECT 'charge' AS kind, n.flow_id AS key1, n.reference AS key2, d.copies
+FROM charges n
+CROSS JOIN LATERAL (
+    SELECT count(*) AS copies FROM charges c
+    WHERE c.flow_id = n.flow_id AND c.reference = n.reference
+) d
+WHERE n.charge_id > (SELECT charge_id FROM verify_from) AND d.copies > 1
+UNION ALL
+SELECT 'usage', n.customer_ref, n.reference, d.copies
+FROM usage_events n
+CROSS JOIN LATERAL (
+    SELECT count(*) AS copies FROM usage_events u
+    WHERE u.customer_ref = n.customer_ref AND u.reference = n.reference
+) d
+WHERE n.usage_id > (SELECT usage_id FROM verify_from) AND d.copies > 1
+UNION ALL
+SELECT 'credit_grant', customer_ref, reference, count(*)
+FROM grants GROUP BY customer_ref, reference HAVING count(*) > 1
+LIMIT $1;
+
+-- name: verify_recent_usage_applied_once
+-- A usage event and its entries are written in one transaction, so a usage event new since
+-- the checkpoint has all its entries after it, and an entry after it names a new event: an
+-- entry for an older event is that event applied again.
+WITH applied AS (
+    SELECT customer_ref, usage_id, min(reference) AS reference, -sum(amount) AS consumed,
+           count(*) AS entries
+    FROM verify_fresh WHERE usage_id IS NOT NULL
+    GROUP BY customer_ref, usage_id
+), new_usage AS (
+    SELECT usage_id, customer_ref, reference, tokens
+    FROM usage_events WHERE usage_id > (SELECT usage_id FROM verify_from)
+)
+SELECT coalesce(u.usage_id, a.usage_id) AS usage_id,
+       coalesce(u.customer_ref, a.customer_ref) AS customer_ref,
+       coalesce(u.reference, a.reference) AS reference, u.tokens, a.consumed, a.entries
+FROM new_usage u
+FULL JOIN applied a ON a.customer_ref = u.customer_ref AND a.usage_id = u.usage_id
+WHERE a.consumed IS DISTINCT FROM u.tokens
+LIMIT $1;
+
+-- name: verify_recent_conflicts_recorded
+SELECT d.dead_letter_id, d.topic, d.partition, d."offset"
+FROM dead_letters d
+LEFT JOIN conflicts c USING (topic, partition, "offset")
+WHERE d.dead_letter_id > (SELECT dead_letter_id FROM verify_from)
+  AND d.reason = 'reference_conflict' AND c.conflict_id IS NULL
+LIMIT $1;
+
+-- name: verify_recent_balances
+-- A customer whose ledger moved, or whose row changed, since its checkpoint: the ledger sum
+-- is the checkpoint's balance plus the new entries.
+WITH moved AS (
+    SELECT customer_ref, sum(amount) AS amount, sum(overage_delta) AS overage
+    FROM verify_fresh GROUP BY customer_ref
+), touched AS (
+    SELECT w.customer_ref, w.balance, w.overage,
+           w.from_balance + coalesce(m.amount, 0) AS ledger_sum,
+           w.from_overage + coalesce(m.overage, 0) AS ledger_overage
+    FROM verify_window w
+    LEFT JOIN moved m USING (customer_ref)
+    WHERE m.customer_ref IS NOT NULL OR w.balance <> w.from_balance
+       OR w.overage <> w.from_overage
+), remaining AS (
+    SELECT g.customer_ref, sum(g.remaining) AS total
+    FROM grants g JOIN touched t USING (customer_ref)
+    GROUP BY g.customer_ref
+)
+SELECT t.customer_ref, t.balance, t.ledger_sum, coalesce(r.total, 0) AS grants_remaining,
+       t.overage, t.ledger_overage
+FROM touched t
+LEFT JOIN remaining r USING (customer_ref)
+WHERE t.balance <> t.ledger_sum
+   OR t.balance <> coalesce(r.total, 0) - t.overage
+   OR t.overage <> t.ledger_overage
+LIMIT $1;
+
+-- name: verify_recent_grants
+-- Every grant: tokens left = its deltas through the checkpoint plus the new ones.
+WITH moved AS (
+    SELECT grant_id, sum(grant_delta) AS delta
+    FROM verify_fresh WHERE grant_id IS NOT NULL GROUP BY grant_id
+)
+SELECT g.grant_id, g.customer_ref, g.reference, g.remaining,
+       coalesce(k.delta, 0) + coalesce(m.delta, 0) AS ledger_delta
+FROM grants g
+LEFT JOIN verify_grant_checkpoints k USING (grant_id)
+LEFT JOIN moved m USING (grant_id)
+WHERE g.remaining <> coalesce(k.delta, 0) + coalesce(m.delta, 0)
+LIMIT $1;
+
+-- name: verify_recent_ledger_sequence
+-- The new entries go on from the checkpoint: numbered without gaps, each balance_after the
+-- checkpoint's balance plus a running sum.
+SELECT customer_ref, seq, balance_after, running
+FROM (
+    SELECT f.customer_ref, f.seq, f.balance_after,
+           w.from_balance + sum(f.amount) OVER (PARTITION BY f.customer_ref ORDER BY f.seq)
+               AS running,
+           w.from_seq + row_number() OVER (PARTITION BY f.customer_ref ORDER BY f.seq)
+               AS position
+    FROM verify_fresh f
+    JOIN verify_window w USING (customer_ref)
+) e
+WHERE balance_after <> running OR seq <> position
+LIMIT $1;
+
+-- name: verify_recent_consumption_order
+-- verify_consumption_order on the new usage entries. A grant with tokens left at the
+-- checkpoint is held from it; one without is held from a new entry crediting it; either
+-- until the new entry that takes its last token.
+WITH running AS (
+    SELECT f.grant_id, f.seq, f.grant_delta,
+           coalesce(k.delta, 0)
+               + sum(f.grant_delta) OVER (PARTITION BY f.grant_id ORDER BY f.seq) AS remaining
+    FROM verify_fresh f
+    LEFT JOIN verify_grant_checkpoints k USING (grant_id)
+    WHERE f.grant_id IS NOT NULL
+),
+moved AS (
+    SELECT grant_id,
+           min(seq) FILTER (WHERE grant_delta > 0) AS credited_seq,
+           min(seq) FILTER (WHERE grant_delta < 0 AND remaining = 0) AS until_seq
+    FROM running
+    GROUP BY grant_id
+),
+paying AS (
+    SELECT DISTINCT customer_ref FROM verify_fresh WHERE kind = 'usage'
+),
+held AS (
+    SELECT h.grant_id, h.customer_ref,
+           CASE WHEN coalesce(k.delta, 0) > 0 THEN w.from_seq ELSE m.credited_seq END
+               AS from_seq,
+           m.until_seq
+    FROM paying p
+    JOIN grants h USING (customer_ref)
+    JOIN verify_window w USING (customer_ref)
+    LEFT JOIN verify_grant_checkpoints k USING (grant_id)
+    LEFT JOIN moved m USING (grant_id)
+),
+since AS (
+    SELECT coalesce(
+        (SELECT applied_at FROM schema_migrations WHERE version LIKE '0013\_%'), '-infinity'
+    ) AS at
+)
+SELECT u.customer_ref, u.seq, u.reference AS usage_reference, g.reference AS paid_by,
+       h.reference AS passed_over
+FROM verify_fresh u
+JOIN grants g ON g.grant_id = u.grant_id
+JOIN held ON held.customer_ref = u.customer_ref AND held.grant_id <> g.grant_id
+JOIN grants h ON h.grant_id = held.grant_id
+WHERE u.kind = 'usage'
+  AND u.created_at >= (SELECT at FROM since)
+  AND held.from_seq < u.seq AND (held.until_seq IS NULL OR held.until_seq > u.seq)
+  AND (h.expires_at IS NULL, coalesce(h.expires_at, '-infinity'), h.priority, h.cost_basis,
+       h.effective_at, h.grant_id)
+    < (g.expires_at IS NULL, coalesce(g.expires_at, '-infinity'), g.priority, g.cost_basis,
+       g.effective_at, g.grant_id)
+ORDER BY u.customer_ref, u.seq
+LIMIT $1;
+
+-- name: verify_recent_ledger_references
+-- A usage entry's event is looked up by its dedup key (the entry carries its reference),
+-- then its number compared: usage_events has no B-tree on usage_id (0010).
+SELECT e.entry_id, e.customer_ref, e.seq, e.kind, e.grant_id, e.usage_id, e.void_id
+FROM verify_fresh e
+LEFT JOIN grants g ON g.grant_id = e.grant_id
+LEFT JOIN usage_events u
+       ON u.customer_ref = e.customer_ref AND u.reference = e.reference
+      AND u.usage_id = e.usage_id
+LEFT JOIN credit_voids v ON v.void_id = e.void_id
+WHERE (e.grant_id IS NOT NULL AND g.grant_id IS NULL)
+   OR (e.usage_id IS NOT NULL AND u.usage_id IS NULL)
+   OR (e.void_id IS NOT NULL AND v.void_id IS NULL)
+LIMIT $1;
+
+-- name: verify_recent_charge_flows
+SELECT c.charge_id, c.flow_id, c.reference
+FROM charges c
+LEFT JOIN flows f ON f.flow_id = c.flow_id
+WHERE c.charge_id > (SELECT charge_id FROM verify_from) AND f.flow_id IS NULL
+LIMIT $1;
+
+-- name: verify_recent_payouts
+-- The payouts new or in another status since they were checked (a payout's charges change
+-- only when it is cut or cancelled), and the new charges and those of those payouts.
+WITH unchecked AS (
+    SELECT p.*
+    FROM payouts p
+    LEFT JOIN verify_payout_checkpoints k USING (payout_id)
+    WHERE k.status IS DISTINCT FROM p.status
+), held AS (
+    SELECT c.charge_id, c.payout_id, c.amount, c.currency, c.status
+    FROM unchecked u JOIN charges c USING (payout_id)
+    UNION
+    SELECT charge_id, payout_id, amount, currency, status
+    FROM charges WHERE charge_id > (SELECT charge_id FROM verify_from)
+)
+SELECT p.payout_id, p.charge_count, p.amount, coalesce(c.charges, 0) AS charges,
+       coalesce(c.total, 0) AS charges_total
+FROM unchecked p
+LEFT JOIN (
+    SELECT payout_id, count(*) AS charges, sum(amount) AS total
+    FROM held WHERE payout_id IS NOT NULL GROUP BY payout_id
+) c USING (payout_id)
+WHERE CASE WHEN p.status = 'cancelled' THEN c.charges IS NOT NULL
+           ELSE p.charge_count <> coalesce(c.charges, 0) OR p.amount <> coalesce(c.total, 0)
+      END
+UNION ALL
+SELECT c.payout_id, NULL, NULL, c.charge_id, c.amount
+FROM held c
+LEFT JOIN payouts p USING (payout_id)
+WHERE (c.payout_id IS NOT NULL AND p.payout_id IS NULL)
+   OR ((c.status = 'paid_out') <> (c.payout_id IS NOT NULL))
+   OR p.currency <> c.currency
+LIMIT $1;
+
+-- name: verify_recent_alerts
+-- A customer's depleted/recovered alerts after its checkpoint, the first following the
+-- checkpoint's last alert.
+WITH recent AS (
+    SELECT a.alert_id, a.customer_ref, a.type, a.previous_balance, a.balance, a.ledger_seq,
+           coalesce(lag(a.type) OVER (PARTITION BY a.customer_ref
+                                      ORDER BY a.ledger_seq, a.created_at),
+                    w.last_alert_type) AS previous_type
+    FROM (SELECT DISTINCT customer_ref FROM verify_fresh) t
+    JOIN verify_window w USING (customer_ref)
+    CROSS JOIN LATERAL (
+        SELECT * FROM alerts a
+        WHERE a.customer_ref = t.customer_ref AND a.ledger_seq > w.from_seq
+          AND a.type IN ('credit_balance_depleted', 'credit_balance_recovered')
+    ) a
+)
+SELECT a.alert_id::text, a.customer_ref, a.type, a.previous_balance, a.balance,
+       e.balance_after, a.previous_type
+FROM recent a
+LEFT JOIN verify_fresh e ON e.customer_ref = a.customer_ref AND e.seq = a.ledger_seq
+WHERE e.balance_after IS DISTINCT FROM a.balance
+   OR (a.type = 'credit_balance_depleted'
+       AND NOT (a.previous_balance > 0 AND a.balance <= 0))
+   OR (a.type = 'credit_balance_recovered'
+       AND NOT (a.previous_balance <= 0 AND a.balance > 0))
+   OR a.type = a.previous_type
+   OR (a.previous_type IS NULL AND a.type <> 'credit_balance_recovered')
+LIMIT $1;
+
+-- name: verify_recent_alerts_in_outbox
+-- An alert and its outbox row are written in one transaction, so each new alert has exactly
+-- one new outbox row (unless written before the retention mark: then it may be gone), and
+-- each new outbox row of an alert names a new alert (an older one would be sent twice).
+WITH mark AS (
+    SELECT coalesce((SELECT pruned_through FROM outbox_retention), '-infinity') AS since
+), emitted AS MATERIALIZED (
+    SELECT (convert_from(record_value, 'UTF8')::jsonb ->> 'alert_id')::uuid AS alert_id
+    FROM outbox
+    WHERE kind = 'alert' AND outbox_id > (SELECT outbox_id FROM verify_from)
+), emitted_counts AS (
+    SELECT alert_id, count(*) AS outbox_rows FROM emitted GROUP BY alert_id
+), recent AS (
+    SELECT a.alert_id, a.customer_ref, a.type, a.created_at
+    FROM (SELECT DISTINCT customer_ref FROM verify_fresh) t
+    JOIN verify_window w USING (customer_ref)
+    CROSS JOIN LATERAL (
+        SELECT * FROM alerts a WHERE a.customer_ref = t.customer_ref AND a.ledger_seq > w.from_seq
+    ) a
+)
+SELECT alert_id::text, a.customer_ref, a.type, coalesce(e.outbox_rows, 0) AS outbox_rows
+FROM recent a
+FULL JOIN emitted_counts e USING (alert_id)
+CROSS JOIN mark
+WHERE a.alert_id IS NULL
+   OR (a.created_at > mark.since AND coalesce(e.outbox_rows, 0) <> 1)
+LIMIT $1;
+
+-- name: verify_recent_dead_letters
+-- The new dead letters: once per source position, with that position; as many new outbox
+-- rows for dead letters as new dead letters (both numbered at the same fence; the outbox
+-- rows of dead letters written before the retention mark may be gone).
+SELECT d.topic, d.partition, d."offset", n.copies
+FROM dead_letters d
+CROSS JOIN LATERAL (
+    SELECT count(*) AS copies FROM dead_letters o
+    WHERE o.topic = d.topic AND o.partition = d.partition AND o."offset" = d."offset"
+) n
+WHERE d.dead_letter_id > (SELECT dead_letter_id FROM verify_from)
+  AND (n.copies > 1 OR d.topic IS NULL OR d.partition IS NULL OR d."offset" IS NULL)
+UNION ALL
+SELECT 'outbox rows for dead letters', NULL, NULL, o.rows - d.rows
+FROM (SELECT coalesce((SELECT pruned_through FROM outbox_retention), '-infinity') AS since) m,
+     LATERAL (SELECT count(*) AS rows FROM outbox
+              WHERE kind = 'dead_letter' AND created_at > m.since
+                AND outbox_id > (SELECT outbox_id FROM verify_from)) o,
+     LATERAL (SELECT count(*) AS rows FROM dead_letters
+              WHERE created_at > m.since
+                AND dead_letter_id > (SELECT dead_letter_id FROM verify_from)) d
+WHERE o.rows <> d.rows
+LIMIT $1;
+
+-- name: verify_recent_advance
+-- After a passing run, the checkpoint moves to what this run saw: per customer, grant and
+-- payout here, the numbered tables' last numbers (from the fence) in the next statement.
+-- Grants add their new deltas to what was recorded: runs are serialized, each starting
+-- from the last one's checkpoint.
+INSERT INTO verify_customer_checkpoints AS k (customer_ref, seq, balance, overage,
+                                              last_alert_type)
+SELECT f.customer_ref, max(f.seq), w.from_balance + sum(f.amount),
+       w.from_overage + sum(f.overage_delta),
+       coalesce((SELECT a.type FROM alerts a
+                 WHERE a.customer_ref = f.customer_ref AND a.ledger_seq > w.from_seq
+                   AND a.type IN ('credit_balance_depleted', 'credit_balance_recovered')
+                 ORDER BY a.ledger_seq DESC, a.created_at DESC LIMIT 1),
+                w.last_alert_type)
+FROM verify_fresh f
+JOIN verify_window w USING (customer_ref)
+GROUP BY f.customer_ref, w.from_seq, w.from_balance, w.from_overage, w.last_alert_type
+ON CONFLICT (customer_ref) DO UPDATE
+SET seq = excluded.seq, balance = excluded.balance, overage = excluded.overage,
+    last_alert_type = excluded.last_alert_type;
+
+INSERT INTO verify_grant_checkpoints AS k (grant_id, delta)
+SELECT grant_id, sum(grant_delta) FROM verify_fresh WHERE grant_id IS NOT NULL
+GROUP BY grant_id
+ON CONFLICT (grant_id) DO UPDATE SET delta = k.delta + excluded.delta;
+
+INSERT INTO verify_payout_checkpoints AS k (payout_id, status)
+SELECT p.payout_id, p.status
+FROM payouts p
+LEFT JOIN verify_payout_checkpoints c USING (payout_id)
+WHERE c.status IS DISTINCT FROM p.status
+ON CONFLICT (payout_id) DO UPDATE SET status = excluded.status;
+
+-- name: verify_recent_advance_numbers
+INSERT INTO verify_checkpoint AS k (usage_id_through, charge_id_through,
+                                    dead_letter_id_through, outbox_id_through, checked_at)
+VALUES ($1, $2, $3, $4, now())
+ON CONFLICT (singleton) DO UPDATE
+SET usage_id_through = excluded.usage_id_through,
+    charge_id_through = excluded.charge_id_through,
+    dead_letter_id_through = excluded.dead_letter_id_through,
+    outbox_id_through = excluded.outbox_id_through,
+    checked_at = excluded.checked_at;
