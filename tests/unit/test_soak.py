@@ -309,3 +309,23 @@ def test_without_the_extra_soak_says_so_in_one_line() -> None:
     )
     assert done.returncode == 1
     assert done.stderr.startswith("chargeline: error: `chargeline soak` runs the embedded")
+
+
+# -- the chart ----------------------------------------------------------------------------
+
+
+def test_the_chart_is_per_minute_medians_leaving_out_readings_of_a_recovery() -> None:
+    from workers.devtools.soak.report import minutes
+
+    results = {
+        "minutes": 2,
+        # [end_s, records, p99_ms, steady]: the 4,000 ms reading is a crash's catch-up.
+        "latency_intervals": [
+            [10, 100, 200.0, True], [20, 100, 400.0, True], [30, 100, 4000.0, False],
+            [70, 100, 300.0, True], [80, 0, math.nan, True],
+        ],
+        "rss_samples": {"ingest": [[10, 1, 100.0, True], [50, 1, 110.0, True], [90, 2, 90.0, False]]},
+    }  # fmt: skip
+    rows = minutes(results)
+    assert [row["p99_ms"] for row in rows] == [300.0, 300.0]
+    assert [row["ingest_rss_mib"] for row in rows] == [105.0, 90.0]

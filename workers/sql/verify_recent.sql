@@ -1,11 +1,16 @@
 -- verify since its checkpoint (migration 0020): the same invariants as verify.sql, each
 -- checked on what came after the last passing run, against the state that run recorded.
 -- Each query returns the rows that break one invariant, at most $1, in the columns of its
--- verify.sql twin. They read three temporary tables made by verify_recent_window:
---   verify_from     one row: how far the numbered tables were checked;
---   verify_window   per customer: its checkpoint (sequence number, balance, overage, last
---                   alert) beside its row now;
---   verify_fresh    the ledger entries after each customer's checkpoint.
+-- verify.sql twin. They read temporary tables made first, in the same snapshot:
+--   verify_window       the customers whose ledger or row moved since their checkpoint:
+--                       the checkpoint (sequence number, balance, overage, last alert)
+--                       beside the row now;
+--   verify_fresh        their ledger entries after the checkpoint;
+--   verify_new_*        the usage events, charges, dead letters and outbox rows numbered
+--                       after the checkpoint.
+-- A big table is only ever probed by key from these, in LATERAL subqueries with OFFSET 0
+-- (which the planner cannot turn into a join reading the whole table), or read whole
+-- where it is small and bounded by customers rather than events (grants, payouts).
 
 -- name: verify_fence
 -- Run with usage_events, charges, dead_letters and outbox locked in SHARE mode, so no transaction
@@ -23,8 +28,8 @@ SELECT pg_export_snapshot() AS snapshot,
        coalesce(pg_sequence_last_value(
            pg_get_serial_sequence('outbox', 'outbox_id')::regclass), 0) AS outbox_id;
 
--- name: verify_recent_window
-CREATE TEMPORARY TABLE verify_from ON COMMIT DROP AS
+-- name: verify_recent_from
+-- Where the last passing run left off (nothing: a first run, which reads everything).
 SELECT coalesce(max(usage_id_through), 0) AS usage_id,
        coalesce(max(charge_id_through), 0) AS charge_id,
        coalesce(max(dead_letter_id_through), 0) AS dead_letter_id,
@@ -32,46 +37,84 @@ SELECT coalesce(max(usage_id_through), 0) AS usage_id,
        max(checked_at) AS checked_at
 FROM verify_checkpoint;
 
+-- name: verify_recent_window
+-- The customers whose ledger moved since their checkpoint, and those whose row no longer
+-- matches it; then their new entries, an index range each (the ledger's primary key is
+-- (customer_ref, seq)). OFFSET 0 keeps the range a per-customer probe: joined whole, the
+-- planner may choose to read the entire ledger, which is what this file exists to avoid.
 CREATE TEMPORARY TABLE verify_window ON COMMIT DROP AS
-SELECT c.customer_ref, c.balance, c.overage,
+SELECT c.customer_ref, c.balance, c.overage, c.ledger_seq,
        coalesce(k.seq, 0) AS from_seq, coalesce(k.balance, 0) AS from_balance,
        coalesce(k.overage, 0) AS from_overage, k.last_alert_type
 FROM customers c
-LEFT JOIN verify_customer_checkpoints k USING (customer_ref);
+LEFT JOIN verify_customer_checkpoints k USING (customer_ref)
+WHERE c.ledger_seq <> coalesce(k.seq, 0) OR c.balance <> coalesce(k.balance, 0)
+   OR c.overage <> coalesce(k.overage, 0);
 
--- An index range per customer: the ledger's primary key is (customer_ref, seq).
+ANALYZE verify_window;
+
 CREATE TEMPORARY TABLE verify_fresh ON COMMIT DROP AS
 SELECT e.*
 FROM verify_window w
 CROSS JOIN LATERAL (
-    SELECT * FROM ledger_entries e WHERE e.customer_ref = w.customer_ref AND e.seq > w.from_seq
+    SELECT * FROM ledger_entries e
+    WHERE e.customer_ref = w.customer_ref AND e.seq > w.from_seq
+    OFFSET 0
 ) e;
 
-ANALYZE verify_window;
 ANALYZE verify_fresh;
 
+-- name: verify_recent_new_usage
+-- The numbered rows after the checkpoint ($1: the last number checked), each into a small
+-- table of its own; usage_events by its BRIN index.
+CREATE TEMPORARY TABLE verify_new_usage ON COMMIT DROP AS
+SELECT usage_id, customer_ref, reference, tokens FROM usage_events WHERE usage_id > $1;
+
+-- name: verify_recent_new_charges
+CREATE TEMPORARY TABLE verify_new_charges ON COMMIT DROP AS
+SELECT charge_id, flow_id, reference, payout_id, amount, currency, status
+FROM charges WHERE charge_id > $1;
+
+-- name: verify_recent_new_dead_letters
+CREATE TEMPORARY TABLE verify_new_dead_letters ON COMMIT DROP AS
+SELECT dead_letter_id, topic, partition, "offset", reason, created_at
+FROM dead_letters WHERE dead_letter_id > $1;
+
+-- name: verify_recent_new_outbox
+-- The alerts' and dead letters' outbox rows, each alert's id read from its JSON once.
+CREATE TEMPORARY TABLE verify_new_outbox ON COMMIT DROP AS
+SELECT outbox_id, kind, created_at,
+       CASE WHEN kind = 'alert'
+            THEN (convert_from(record_value, 'UTF8')::jsonb ->> 'alert_id')::uuid END AS alert_id
+FROM outbox WHERE outbox_id > $1 AND kind IN ('alert', 'dead_letter');
+
+-- name: verify_recent_analyze
+ANALYZE verify_new_usage;
+ANALYZE verify_new_charges;
+ANALYZE verify_new_dead_letters;
+ANALYZE verify_new_outbox;
+
 -- name: verify_recent_scope
-SELECT (SELECT checked_at FROM verify_from) AS since,
-       (SELECT count(*) FROM verify_fresh) AS entries,
+SELECT (SELECT count(*) FROM verify_fresh) AS entries,
        (SELECT count(DISTINCT customer_ref) FROM verify_fresh) AS customers;
 
 -- name: verify_recent_duplicate_keys
 -- Each new row probes its own dedup key (grants, a small table, are grouped whole).
 SELECT 'charge' AS kind, n.flow_id AS key1, n.reference AS key2, d.copies
-FROM charges n
+FROM verify_new_charges n
 CROSS JOIN LATERAL (
     SELECT count(*) AS copies FROM charges c
     WHERE c.flow_id = n.flow_id AND c.reference = n.reference
 ) d
-WHERE n.charge_id > (SELECT charge_id FROM verify_from) AND d.copies > 1
+WHERE d.copies > 1
 UNION ALL
 SELECT 'usage', n.customer_ref, n.reference, d.copies
-FROM usage_events n
+FROM verify_new_usage n
 CROSS JOIN LATERAL (
     SELECT count(*) AS copies FROM usage_events u
     WHERE u.customer_ref = n.customer_ref AND u.reference = n.reference
 ) d
-WHERE n.usage_id > (SELECT usage_id FROM verify_from) AND d.copies > 1
+WHERE d.copies > 1
 UNION ALL
 SELECT 'credit_grant', customer_ref, reference, count(*)
 FROM grants GROUP BY customer_ref, reference HAVING count(*) > 1
@@ -87,8 +130,7 @@ WITH applied AS (
     FROM verify_fresh WHERE usage_id IS NOT NULL
     GROUP BY customer_ref, usage_id
 ), new_usage AS (
-    SELECT usage_id, customer_ref, reference, tokens
-    FROM usage_events WHERE usage_id > (SELECT usage_id FROM verify_from)
+    SELECT usage_id, customer_ref, reference, tokens FROM verify_new_usage
 )
 SELECT coalesce(u.usage_id, a.usage_id) AS usage_id,
        coalesce(u.customer_ref, a.customer_ref) AS customer_ref,
@@ -100,15 +142,19 @@ LIMIT $1;
 
 -- name: verify_recent_conflicts_recorded
 SELECT d.dead_letter_id, d.topic, d.partition, d."offset"
-FROM dead_letters d
-LEFT JOIN conflicts c USING (topic, partition, "offset")
-WHERE d.dead_letter_id > (SELECT dead_letter_id FROM verify_from)
-  AND d.reason = 'reference_conflict' AND c.conflict_id IS NULL
+FROM verify_new_dead_letters d
+LEFT JOIN LATERAL (
+    SELECT conflict_id FROM conflicts c
+    WHERE c.topic = d.topic AND c.partition = d.partition AND c."offset" = d."offset"
+    OFFSET 0
+) c ON true
+WHERE d.reason = 'reference_conflict' AND c.conflict_id IS NULL
 LIMIT $1;
 
 -- name: verify_recent_balances
 -- A customer whose ledger moved, or whose row changed, since its checkpoint: the ledger sum
--- is the checkpoint's balance plus the new entries.
+-- is the checkpoint's balance plus the new entries. (A customer's balance changes only
+-- with an entry, which moves its ledger_seq; verify_window holds the others too.)
 WITH moved AS (
     SELECT customer_ref, sum(amount) AS amount, sum(overage_delta) AS overage
     FROM verify_fresh GROUP BY customer_ref
@@ -118,8 +164,6 @@ WITH moved AS (
            w.from_overage + coalesce(m.overage, 0) AS ledger_overage
     FROM verify_window w
     LEFT JOIN moved m USING (customer_ref)
-    WHERE m.customer_ref IS NOT NULL OR w.balance <> w.from_balance
-       OR w.overage <> w.from_overage
 ), remaining AS (
     SELECT g.customer_ref, sum(g.remaining) AS total
     FROM grants g JOIN touched t USING (customer_ref)
@@ -162,6 +206,13 @@ FROM (
     JOIN verify_window w USING (customer_ref)
 ) e
 WHERE balance_after <> running OR seq <> position
+UNION ALL
+-- The customer row names its last entry (ledger_seq): how the window finds what moved.
+SELECT w.customer_ref, w.ledger_seq, NULL, NULL
+FROM verify_window w
+LEFT JOIN verify_fresh f USING (customer_ref)
+GROUP BY w.customer_ref, w.ledger_seq, w.from_seq
+HAVING w.ledger_seq <> coalesce(max(f.seq), w.from_seq)
 LIMIT $1;
 
 -- name: verify_recent_consumption_order
@@ -224,9 +275,13 @@ LIMIT $1;
 SELECT e.entry_id, e.customer_ref, e.seq, e.kind, e.grant_id, e.usage_id, e.void_id
 FROM verify_fresh e
 LEFT JOIN grants g ON g.grant_id = e.grant_id
-LEFT JOIN usage_events u
-       ON u.customer_ref = e.customer_ref AND u.reference = e.reference
+LEFT JOIN LATERAL (
+    SELECT u.usage_id FROM usage_events u
+    WHERE e.usage_id IS NOT NULL
+      AND u.customer_ref = e.customer_ref AND u.reference = e.reference
       AND u.usage_id = e.usage_id
+    OFFSET 0
+) u ON true
 LEFT JOIN credit_voids v ON v.void_id = e.void_id
 WHERE (e.grant_id IS NOT NULL AND g.grant_id IS NULL)
    OR (e.usage_id IS NOT NULL AND u.usage_id IS NULL)
@@ -235,9 +290,9 @@ LIMIT $1;
 
 -- name: verify_recent_charge_flows
 SELECT c.charge_id, c.flow_id, c.reference
-FROM charges c
+FROM verify_new_charges c
 LEFT JOIN flows f ON f.flow_id = c.flow_id
-WHERE c.charge_id > (SELECT charge_id FROM verify_from) AND f.flow_id IS NULL
+WHERE f.flow_id IS NULL
 LIMIT $1;
 
 -- name: verify_recent_payouts
@@ -250,10 +305,12 @@ WITH unchecked AS (
     WHERE k.status IS DISTINCT FROM p.status
 ), held AS (
     SELECT c.charge_id, c.payout_id, c.amount, c.currency, c.status
-    FROM unchecked u JOIN charges c USING (payout_id)
+    FROM unchecked u
+    CROSS JOIN LATERAL (
+        SELECT * FROM charges c WHERE c.payout_id = u.payout_id OFFSET 0
+    ) c
     UNION
-    SELECT charge_id, payout_id, amount, currency, status
-    FROM charges WHERE charge_id > (SELECT charge_id FROM verify_from)
+    SELECT charge_id, payout_id, amount, currency, status FROM verify_new_charges
 )
 SELECT p.payout_id, p.charge_count, p.amount, coalesce(c.charges, 0) AS charges,
        coalesce(c.total, 0) AS charges_total
@@ -288,6 +345,7 @@ WITH recent AS (
         SELECT * FROM alerts a
         WHERE a.customer_ref = t.customer_ref AND a.ledger_seq > w.from_seq
           AND a.type IN ('credit_balance_depleted', 'credit_balance_recovered')
+        OFFSET 0
     ) a
 )
 SELECT a.alert_id::text, a.customer_ref, a.type, a.previous_balance, a.balance,
@@ -309,18 +367,17 @@ LIMIT $1;
 -- each new outbox row of an alert names a new alert (an older one would be sent twice).
 WITH mark AS (
     SELECT coalesce((SELECT pruned_through FROM outbox_retention), '-infinity') AS since
-), emitted AS MATERIALIZED (
-    SELECT (convert_from(record_value, 'UTF8')::jsonb ->> 'alert_id')::uuid AS alert_id
-    FROM outbox
-    WHERE kind = 'alert' AND outbox_id > (SELECT outbox_id FROM verify_from)
 ), emitted_counts AS (
-    SELECT alert_id, count(*) AS outbox_rows FROM emitted GROUP BY alert_id
+    SELECT alert_id, count(*) AS outbox_rows
+    FROM verify_new_outbox WHERE kind = 'alert' GROUP BY alert_id
 ), recent AS (
     SELECT a.alert_id, a.customer_ref, a.type, a.created_at
     FROM (SELECT DISTINCT customer_ref FROM verify_fresh) t
     JOIN verify_window w USING (customer_ref)
     CROSS JOIN LATERAL (
-        SELECT * FROM alerts a WHERE a.customer_ref = t.customer_ref AND a.ledger_seq > w.from_seq
+        SELECT * FROM alerts a
+        WHERE a.customer_ref = t.customer_ref AND a.ledger_seq > w.from_seq
+        OFFSET 0
     ) a
 )
 SELECT alert_id::text, a.customer_ref, a.type, coalesce(e.outbox_rows, 0) AS outbox_rows
@@ -336,22 +393,19 @@ LIMIT $1;
 -- rows for dead letters as new dead letters (both numbered at the same fence; the outbox
 -- rows of dead letters written before the retention mark may be gone).
 SELECT d.topic, d.partition, d."offset", n.copies
-FROM dead_letters d
+FROM verify_new_dead_letters d
 CROSS JOIN LATERAL (
     SELECT count(*) AS copies FROM dead_letters o
     WHERE o.topic = d.topic AND o.partition = d.partition AND o."offset" = d."offset"
 ) n
-WHERE d.dead_letter_id > (SELECT dead_letter_id FROM verify_from)
-  AND (n.copies > 1 OR d.topic IS NULL OR d.partition IS NULL OR d."offset" IS NULL)
+WHERE (n.copies > 1 OR d.topic IS NULL OR d.partition IS NULL OR d."offset" IS NULL)
 UNION ALL
 SELECT 'outbox rows for dead letters', NULL, NULL, o.rows - d.rows
 FROM (SELECT coalesce((SELECT pruned_through FROM outbox_retention), '-infinity') AS since) m,
-     LATERAL (SELECT count(*) AS rows FROM outbox
-              WHERE kind = 'dead_letter' AND created_at > m.since
-                AND outbox_id > (SELECT outbox_id FROM verify_from)) o,
-     LATERAL (SELECT count(*) AS rows FROM dead_letters
-              WHERE created_at > m.since
-                AND dead_letter_id > (SELECT dead_letter_id FROM verify_from)) d
+     LATERAL (SELECT count(*) AS rows FROM verify_new_outbox
+              WHERE kind = 'dead_letter' AND created_at > m.since) o,
+     LATERAL (SELECT count(*) AS rows FROM verify_new_dead_letters
+              WHERE created_at > m.since) d
 WHERE o.rows <> d.rows
 LIMIT $1;
 

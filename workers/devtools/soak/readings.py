@@ -111,6 +111,7 @@ async def verify_once(settings: Settings) -> dict[str, Any]:
         "checks": report.get("checks", 0),
         # What it covered: the ledger entries after the last passing run's checkpoint.
         "entries": (report.get("scope") or {}).get("entries", 0),
+        "step_seconds": report.get("step_seconds", {}),
         "ok": bool(report.get("ok")) and process.returncode == 0,
         "exit_code": process.returncode,
         "violations": report.get("violations", []),

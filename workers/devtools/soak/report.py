@@ -5,10 +5,13 @@ and the acceptance checks, each met or missed."""
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from workers.devtools.bench.report import latency_bar
 
 
 def _n(value: float, digits: int = 0) -> str:
@@ -143,6 +146,56 @@ def _tables_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def minutes(results: dict[str, Any]) -> list[dict[str, float]]:
+    """Per minute of the load: the median of its 10-s readings' steady p99 (a reading taken
+    while the worker caught up after a crash is left out; NaN when all were), and the
+    median resident set of each process's samples."""
+    rows = []
+    for minute in range(math.ceil(results["minutes"])):
+
+        def within(at_s: float, m: int = minute) -> bool:
+            return 60 * m < at_s <= 60 * (m + 1)
+
+        p99s = [
+            p99 for at_s, records, p99, steady in results["latency_intervals"]
+            if within(at_s) and steady and records and math.isfinite(p99)
+        ]  # fmt: skip
+        row = {"minute": minute + 1, "p99_ms": statistics.median(p99s) if p99s else math.nan}
+        for role, samples in results["rss_samples"].items():
+            mib = [sample[2] for sample in samples if within(sample[0])]
+            row[f"{role}_rss_mib"] = statistics.median(mib) if mib else math.nan
+        rows.append(row)
+    return rows
+
+
+def _chart(results: dict[str, Any]) -> Table:
+    rows = minutes(results)
+    roles = list(results["rss_samples"])
+    top = max(
+        (row[f"{role}_rss_mib"] for row in rows for role in roles
+         if math.isfinite(row[f"{role}_rss_mib"])),
+        default=math.nan,
+    )  # fmt: skip
+    table = Table(title="per minute: steady p99 (median of 10-s readings) and RSS (median)")
+    table.add_column("min", justify="right")
+    table.add_column("p99 ms", justify="right")
+    table.add_column("p99, log scale: 10 ms .. 10 s")
+    for role in roles:
+        table.add_column(f"{role} MiB", justify="right")
+    table.add_column(f"{roles[0]} RSS, 0 .. {_n(top)} MiB" if roles else "")
+    for row in rows:
+        first = row[f"{roles[0]}_rss_mib"] if roles else math.nan
+        filled = round(20 * first / top) if math.isfinite(first) and top > 0 else 0
+        table.add_row(
+            str(row["minute"]),
+            _n(row["p99_ms"]),
+            latency_bar(row["p99_ms"]),
+            *(_n(row[f"{role}_rss_mib"], 1) for role in roles),
+            "#" * filled + "." * (20 - filled),
+        )
+    return table
+
+
 def _acceptance_table(results: dict[str, Any]) -> Table:
     table = Table(title="acceptance")
     table.add_column("check")
@@ -161,6 +214,7 @@ def show(results: dict[str, Any]) -> None:
         _run_table(results),
         _latency_table(results),
         _rss_table(results),
+        _chart(results),
         _tables_table(results),
         _acceptance_table(results),
     ):
