@@ -23,6 +23,7 @@ from pydantic import SecretStr
 
 from tests.support import (
     Stack,
+    assert_invariants,
     charge,
     fetch,
     fetchval,
@@ -230,6 +231,10 @@ async def test_a_worker_connected_as_the_runtime_role_processes_events(
     assert await fetchval(runtime, "SELECT count(*) FROM credit_voids") == 0  # deleted as runtime
     alerts = sorted(r["type"] for r in await fetch(runtime, "SELECT type FROM alerts"))
     assert alerts == ["credit_balance_depleted", "credit_balance_recovered"]
+    # verify as the verify worker runs it: the fence's SHARE locks, temporary tables and
+    # the checkpoint's writes, all as the runtime role.
+    await assert_invariants(runtime)
+    assert await fetchval(runtime, "SELECT count(*) FROM verify_customer_checkpoints") == 1
 
 
 def _embedded_bin() -> Path:

@@ -263,3 +263,53 @@ async def test_verify_runs_beside_ingestion_and_misses_nothing(settings: Setting
         await fetchval(settings, "SELECT max(usage_id) FROM usage_events"),
     )
     assert verdict(settings, "--full")[0] == 0
+
+
+async def test_verify_waits_for_a_writer_in_flight_and_gives_up_on_one_held_open(
+    settings: Settings, monkeypatch: Any
+) -> None:
+    """A usage event written by a transaction in flight as verify starts is not skipped:
+    the fence waits for that transaction. One that holds the tables past the fence's
+    attempts fails the run with a clear error, is not harmed, and nothing moves."""
+    import asyncio
+
+    import pytest
+
+    from workers.jobs import verify as verify_module
+
+    await _load(settings)
+    assert (await _recent(settings)).ok
+    writer = await asyncpg.connect(settings.dsn)
+    try:
+        # Numbered now, committed 0.5 s after the run has started.
+        transaction = writer.transaction()
+        await transaction.start()
+        await writer.execute(
+            "INSERT INTO usage_events (customer_ref, reference, tokens, occurred_at,"
+            " fingerprint, source_topic, source_partition, source_offset)"
+            " VALUES ('c9', 'late', 3, now(), '\\x00', 'test', 0, 0)"
+        )
+        run = asyncio.create_task(_recent(settings))
+        await asyncio.sleep(0.5)
+        assert not run.done()  # waiting for the writer
+        await transaction.commit()
+        report = await run
+        # Seen, and found: a usage event with no ledger entry.
+        assert not report.ok
+        [violation] = report.violations
+        assert violation.check == "usage_applied_once"
+        assert violation.rows[0]["reference"] == "late"
+        await writer.execute("DELETE FROM usage_events WHERE reference = 'late'")
+
+        monkeypatch.setattr(verify_module, "FENCE_LOCK_TIMEOUT_MS", 100)
+        monkeypatch.setattr(verify_module, "FENCE_ATTEMPTS", 2)
+        monkeypatch.setattr(verify_module, "FENCE_PAUSE_S", 0.05)
+        async with writer.transaction():
+            await writer.execute("LOCK TABLE usage_events IN ROW EXCLUSIVE MODE")
+            with pytest.raises(verify_module.FenceUnavailable, match="never free of writers"):
+                await _recent(settings)
+            assert await writer.fetchval("SELECT count(*) FROM usage_events") == 2
+    finally:
+        await writer.close()
+    report = await _recent(settings)
+    assert report.ok and report.scope.entries == 0

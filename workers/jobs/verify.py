@@ -19,6 +19,7 @@ import asyncpg
 
 from workers import db
 from workers.db import Connection, Pool
+from workers.errors import ChargelineError
 from workers.lifecycle import PeriodicWorker
 from workers.logs import get_logger
 from workers.metrics import Metrics
@@ -56,15 +57,18 @@ SHOWN_ROWS = 20
 
 # One run at a time: each starts from the checkpoint the last one wrote.
 _VERIFY_LOCK_ID = 0x76657269  # "veri"
-# The fence's SHARE lock waits for the writers in flight and holds new ones back while it
-# waits: it gives up soon (before deadlock_timeout, so a writer is never the one aborted)
-# and tries again.
-FENCE_LOCK_TIMEOUT_MS = 500
-FENCE_ATTEMPTS = 20
+# The fence's SHARE lock waits for the writers in flight, and new writers wait behind it.
+# It waits 2 s at most: past deadlock_timeout (1 s), so that an autovacuum of one of the
+# tables, which would otherwise hold it off for minutes, is cancelled for it as for any
+# lock request; then it tries again a second later, 10 times, before the run is given up
+# (the verify worker tries again at its next interval).
+FENCE_LOCK_TIMEOUT_MS = 2000
+FENCE_ATTEMPTS = 10
+FENCE_PAUSE_S = 1.0
 FENCED_TABLES = "usage_events, charges, dead_letters, outbox"
 
 
-class FenceUnavailable(RuntimeError):
+class FenceUnavailable(ChargelineError):
     """The writers of the numbered tables never paused long enough to fence them."""
 
 
@@ -213,13 +217,14 @@ async def _fenced_snapshot(
                     raise
         except asyncpg.LockNotAvailableError:
             log.info("verify_fence_busy", attempt=attempt + 1)
-            await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+            await asyncio.sleep(FENCE_PAUSE_S)
         else:
             numbers = (cut["usage_id"], cut["charge_id"], cut["dead_letter_id"], cut["outbox_id"])
             return transaction, numbers
     raise FenceUnavailable(
-        f"could not lock {FENCED_TABLES} for {FENCE_LOCK_TIMEOUT_MS} ms in"
-        f" {FENCE_ATTEMPTS} attempts: a writer held them throughout"
+        f"verify could not take its snapshot: {FENCED_TABLES} were never free of writers"
+        f" for {FENCE_LOCK_TIMEOUT_MS} ms in {FENCE_ATTEMPTS} attempts a second apart"
+        " (a long transaction writing them?); try again, or run --full, which needs no lock"
     )
 
 
@@ -258,7 +263,13 @@ class VerifyWorker(PeriodicWorker):
         return self.settings.verify_interval_s
 
     async def tick(self) -> bool:
-        report = await self.retry(self._once)
+        try:
+            report = await self.retry(self._once)
+        except FenceUnavailable as busy:
+            # The books are not in doubt, only unchecked this round: the metric of the last
+            # run stands, and ChargelineVerifyNotRunning fires if this goes on.
+            log.warning("verify_skipped", reason=str(busy))
+            return False
         export(report, self.metrics)
         if report.ok:
             log.info(

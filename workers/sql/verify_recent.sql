@@ -99,22 +99,31 @@ SELECT (SELECT count(*) FROM verify_fresh) AS entries,
        (SELECT count(DISTINCT customer_ref) FROM verify_fresh) AS customers;
 
 -- name: verify_recent_duplicate_keys
--- Each new row probes its own dedup key (grants, a small table, are grouped whole).
-SELECT 'charge' AS kind, n.flow_id AS key1, n.reference AS key2, d.copies
-FROM verify_new_charges n
-CROSS JOIN LATERAL (
-    SELECT count(*) AS copies FROM charges c
-    WHERE c.flow_id = n.flow_id AND c.reference = n.reference
-) d
-WHERE d.copies > 1
+-- Postgres refuses a second row for a key its unique index holds, so rather than probing
+-- the index for each new row: the three dedup keys are unique constraints on exactly their
+-- columns, with valid indexes (a restore without them, or a failed rebuild, would let
+-- duplicates in), and no key repeats among the new rows. --full groups the tables whole.
+SELECT 'dedup key not enforced: ' || k.name AS kind, k.tbl AS key1,
+       array_to_string(k.cols, ', ') AS key2, NULL::bigint AS copies
+FROM (VALUES ('charges_dedup_key', 'charges', ARRAY['flow_id', 'reference']),
+             ('usage_events_dedup_key', 'usage_events', ARRAY['customer_ref', 'reference']),
+             ('grants_dedup_key', 'grants', ARRAY['customer_ref', 'reference']))
+     AS k(name, tbl, cols)
+LEFT JOIN pg_constraint c
+       ON c.conname = k.name AND c.conrelid = to_regclass(k.tbl) AND c.contype IN ('p', 'u')
+LEFT JOIN pg_index i ON i.indexrelid = c.conindid
+WHERE c.oid IS NULL OR NOT i.indisunique OR NOT i.indisvalid
+   OR k.cols::text[] <> ARRAY(
+          SELECT a.attname::text
+          FROM unnest(c.conkey) WITH ORDINALITY AS key(attnum, position)
+          JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = key.attnum
+          ORDER BY key.position)
 UNION ALL
-SELECT 'usage', n.customer_ref, n.reference, d.copies
-FROM verify_new_usage n
-CROSS JOIN LATERAL (
-    SELECT count(*) AS copies FROM usage_events u
-    WHERE u.customer_ref = n.customer_ref AND u.reference = n.reference
-) d
-WHERE d.copies > 1
+SELECT 'charge', flow_id, reference, count(*)
+FROM verify_new_charges GROUP BY flow_id, reference HAVING count(*) > 1
+UNION ALL
+SELECT 'usage', customer_ref, reference, count(*)
+FROM verify_new_usage GROUP BY customer_ref, reference HAVING count(*) > 1
 UNION ALL
 SELECT 'credit_grant', customer_ref, reference, count(*)
 FROM grants GROUP BY customer_ref, reference HAVING count(*) > 1
@@ -237,16 +246,21 @@ moved AS (
 paying AS (
     SELECT DISTINCT customer_ref FROM verify_fresh WHERE kind = 'usage'
 ),
-held AS (
-    SELECT h.grant_id, h.customer_ref,
-           CASE WHEN coalesce(k.delta, 0) > 0 THEN w.from_seq ELSE m.credited_seq END
-               AS from_seq,
-           m.until_seq
-    FROM paying p
-    JOIN grants h USING (customer_ref)
-    JOIN verify_window w USING (customer_ref)
-    LEFT JOIN verify_grant_checkpoints k USING (grant_id)
-    LEFT JOIN moved m USING (grant_id)
+-- Only the grants that held tokens at some point of the window: a long-lived customer has
+-- many more spent ones, and each usage entry is compared with every grant held beside it.
+held AS MATERIALIZED (
+    SELECT * FROM (
+        SELECT h.grant_id, h.customer_ref,
+               CASE WHEN coalesce(k.delta, 0) > 0 THEN w.from_seq ELSE m.credited_seq END
+                   AS from_seq,
+               m.until_seq
+        FROM paying p
+        JOIN grants h USING (customer_ref)
+        JOIN verify_window w USING (customer_ref)
+        LEFT JOIN verify_grant_checkpoints k USING (grant_id)
+        LEFT JOIN moved m USING (grant_id)
+    ) candidate
+    WHERE from_seq IS NOT NULL
 ),
 since AS (
     SELECT coalesce(
@@ -270,18 +284,13 @@ ORDER BY u.customer_ref, u.seq
 LIMIT $1;
 
 -- name: verify_recent_ledger_references
--- A usage entry's event is looked up by its dedup key (the entry carries its reference),
--- then its number compared: usage_events has no B-tree on usage_id (0010).
+-- Every usage event with an entry after the checkpoint is new (verify_recent_usage_applied_once
+-- says why), so a usage entry's event is looked for among the new ones: one that is not
+-- there does not exist, or was applied before.
 SELECT e.entry_id, e.customer_ref, e.seq, e.kind, e.grant_id, e.usage_id, e.void_id
 FROM verify_fresh e
 LEFT JOIN grants g ON g.grant_id = e.grant_id
-LEFT JOIN LATERAL (
-    SELECT u.usage_id FROM usage_events u
-    WHERE e.usage_id IS NOT NULL
-      AND u.customer_ref = e.customer_ref AND u.reference = e.reference
-      AND u.usage_id = e.usage_id
-    OFFSET 0
-) u ON true
+LEFT JOIN verify_new_usage u ON u.customer_ref = e.customer_ref AND u.usage_id = e.usage_id
 LEFT JOIN credit_voids v ON v.void_id = e.void_id
 WHERE (e.grant_id IS NOT NULL AND g.grant_id IS NULL)
    OR (e.usage_id IS NOT NULL AND u.usage_id IS NULL)

@@ -3,8 +3,8 @@
 -- recorded: its cost follows the traffic since the last run, not all history. The
 -- ledger is append-only and numbered per customer, so "after" is a sequence number per
 -- customer; usage events, charges, dead letters and outbox rows are numbered by their
--- identity columns, which verify reads at a moment no writer holds them (a brief SHARE lock), so
--- no row with a smaller number can commit later. `chargeline verify --full` still checks
+-- identity columns, which verify reads at a moment no writer holds them (a brief SHARE
+-- lock), so no row with a smaller number can commit later. `chargeline verify --full` still checks
 -- everything and leaves the checkpoint alone. Written only by verify, one run at a time.
 
 -- How far the identity-numbered tables were checked (a single row).

@@ -167,7 +167,7 @@ async def run_soak(
                 f"{crash_every_min:g} min, logs in {workdir}"
             )
             await soak.start()
-            await asyncio.gather(soak.send(), soak.sampler(conn), soak.schedule())
+            await asyncio.gather(soak.send(), soak.sampler(conn), soak.schedule(), soak.verifier())
             console.print("the end: applying and publishing the rest, then verify...")
             results.update(await soak.finish(conn))
             results["tables_end"] = await table_stats(conn)

@@ -262,16 +262,22 @@ class Soak:
             self.duration_s, self.crash_every_s
         )]  # fmt: skip
         events.append((relay_restart_time(self.duration_s, self.crash_every_s), "relay"))
-        every = min(VERIFY_EVERY_S, self.duration_s / 2)
-        events += [(every * n, "verify") for n in range(1, int(self.duration_s / every))]
         for at_s, what in sorted(events):
             await self.sleep_until(at_s)
             if what == "crash":
                 await self.crash(at_s)
-            elif what == "relay":
-                await self.restart_relay(at_s)
             else:
-                self.spawn(self.run_verify("during" if "runs" in self.verify else "start"))
+                await self.restart_relay(at_s)
+
+    async def verifier(self) -> None:
+        """verify every minute of the load, one run at a time: a run still going at the
+        next minute's mark takes that minute's place (the next starts at the mark after)."""
+        every = min(VERIFY_EVERY_S, self.duration_s / 2)
+        at_s = every
+        while at_s < self.duration_s:
+            await self.sleep_until(at_s)
+            await self.run_verify("during" if "runs" in self.verify else "start")
+            at_s = every * (math.floor(self.now() / every) + 1)
 
     async def run_verify(self, label: str) -> None:
         """One ``chargeline verify``: its figures under ``label`` (the first of each), every
