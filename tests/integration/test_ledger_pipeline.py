@@ -144,7 +144,8 @@ async def test_spending_a_grant_is_a_hot_update(settings: Settings) -> None:
 
 async def test_a_usage_event_writes_one_index_in_each_table(settings: Settings) -> None:
     """The B-trees a usage event writes (0010): the dedup key of usage_events and the
-    customer sequence of ledger_entries, both primary keys; no identity-column index."""
+    customer sequence of ledger_entries, both primary keys; no identity-column B-tree, only
+    the BRIN index verify reads new usage events by (0020), a few pages for the table."""
     await setup_pipeline(settings, partitions=1)
     indexes = await fetch(
         settings,
@@ -154,6 +155,7 @@ async def test_a_usage_event_writes_one_index_in_each_table(settings: Settings) 
     assert [tuple(row) for row in indexes] == [
         ("ledger_entries", "ledger_entries_customer_seq"),
         ("usage_events", "usage_events_dedup_key"),
+        ("usage_events", "usage_events_usage_id_brin"),
     ]
     primary = await fetch(
         settings,

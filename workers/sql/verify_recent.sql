@@ -373,7 +373,9 @@ LIMIT $1;
 -- name: verify_recent_alerts_in_outbox
 -- An alert and its outbox row are written in one transaction, so each new alert has exactly
 -- one new outbox row (unless written before the retention mark: then it may be gone), and
--- each new outbox row of an alert names a new alert (an older one would be sent twice).
+-- each new outbox row of an alert names an alert: a new one, or one that names no ledger
+-- position (a reload's, which the window by sequence number does not find); one with a
+-- position that is not new would be sent twice.
 WITH mark AS (
     SELECT coalesce((SELECT pruned_through FROM outbox_retention), '-infinity') AS since
 ), emitted_counts AS (
@@ -389,12 +391,20 @@ WITH mark AS (
         OFFSET 0
     ) a
 )
-SELECT alert_id::text, a.customer_ref, a.type, coalesce(e.outbox_rows, 0) AS outbox_rows
+SELECT alert_id::text, coalesce(a.customer_ref, o.customer_ref) AS customer_ref,
+       coalesce(a.type, o.type) AS type, coalesce(e.outbox_rows, 0) AS outbox_rows
 FROM recent a
 FULL JOIN emitted_counts e USING (alert_id)
 CROSS JOIN mark
-WHERE a.alert_id IS NULL
-   OR (a.created_at > mark.since AND coalesce(e.outbox_rows, 0) <> 1)
+LEFT JOIN LATERAL (
+    SELECT x.customer_ref, x.type, x.ledger_seq FROM alerts x
+    WHERE a.alert_id IS NULL AND x.alert_id = e.alert_id
+    OFFSET 0
+) o ON true
+WHERE (a.alert_id IS NULL
+       AND (o.customer_ref IS NULL OR o.ledger_seq IS NOT NULL OR e.outbox_rows <> 1))
+   OR (a.alert_id IS NOT NULL AND a.created_at > mark.since
+       AND coalesce(e.outbox_rows, 0) <> 1)
 LIMIT $1;
 
 -- name: verify_recent_dead_letters
