@@ -26,7 +26,7 @@ CUSTOMERS = 10_000
 FLOWS = 20
 PARTITIONS = 6
 DEPLETING_EVERY = 25  # one record in 25 of the fixed-rate load belongs to a depletion
-SEND_TICK_S = 0.002
+SEND_TICK_S = 0.002  # how often the fixed-rate load sends what is due: one batch a partition
 
 
 @dataclass
@@ -200,14 +200,20 @@ def plan_fixed_rate(
 
 
 async def send_at_rate(
-    producer: AIOKafkaProducer, planned: list[Planned], rate: float, seconds: float
+    producer: AIOKafkaProducer,
+    planned: list[Planned],
+    rate: float,
+    seconds: float,
+    *,
+    tick_s: float = SEND_TICK_S,
 ) -> tuple[int, float, dict[str, int], list[asyncio.Future[Any]]]:
     """Send ``planned`` at ``rate`` records/s for ``seconds``.
 
-    Every tick, the records due are appended to one batch per partition, stamped with the
-    time they are sent (their CreateTime, from which the worker measures latency), and each
-    batch is sent as it is: no linger. aiokafka's ``send`` runs Python for every record, on
-    the cores the worker and the servers need; its batch builder does that work in C.
+    Every tick (``tick_s``), the records due are appended to one batch per partition,
+    stamped with the time they are sent (their CreateTime, from which the worker measures
+    latency), and each batch is sent as it is: no linger. aiokafka's ``send`` runs Python for
+    every record, on the cores the worker and the servers need; its batch builder does that
+    work in C.
     Returns the records sent, the seconds it took, the send time (ms) of each depleting
     record by reference, and the acks to wait for.
     """
@@ -232,5 +238,5 @@ async def send_at_rate(
             count += 1
         for (topic, partition), batch in batches.items():
             acks.append(await producer.send_batch(batch, topic, partition=partition))
-        await asyncio.sleep(SEND_TICK_S)
+        await asyncio.sleep(tick_s)
     return count, time.monotonic() - started, sent, acks

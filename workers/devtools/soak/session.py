@@ -24,7 +24,7 @@ from workers.devtools.soak.figures import (
     sample_times,
 )
 from workers.devtools.soak.fleet import INGEST_KINDS, RELAY_KINDS, Role, gauges
-from workers.devtools.soak.load import CHUNK_S, soak_chunk
+from workers.devtools.soak.load import CHUNK_S, SEND_TICK_S, soak_chunk
 from workers.devtools.soak.readings import outbox_backlog, verify_once
 from workers.kafka import make_producer
 from workers.settings import Settings
@@ -234,7 +234,7 @@ class Soak:
                 planning = asyncio.create_task(asyncio.to_thread(self.plan, k))
                 self.chunk_started, self.chunk_len = time.monotonic(), len(planned)
                 count, seconds, _, acks = await send_at_rate(
-                    producer, planned, self.rate, min(CHUNK_S, left)
+                    producer, planned, self.rate, min(CHUNK_S, left), tick_s=SEND_TICK_S
                 )
                 self.sent["records"] += count
                 self.sent["seconds"] += seconds
