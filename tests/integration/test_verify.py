@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 import asyncpg
+from structlog.testing import capture_logs
 
 from tests.support import (
     charge,
@@ -301,14 +302,23 @@ async def test_verify_waits_for_a_writer_in_flight_and_gives_up_on_one_held_open
         assert violation.rows[0]["reference"] == "late"
         await writer.execute("DELETE FROM usage_events WHERE reference = 'late'")
 
-        monkeypatch.setattr(verify_module, "FENCE_LOCK_TIMEOUT_MS", 100)
-        monkeypatch.setattr(verify_module, "FENCE_ATTEMPTS", 2)
+        monkeypatch.setattr(verify_module, "FENCE_LOCK_TIMEOUTS_MS", (100, 100))
         monkeypatch.setattr(verify_module, "FENCE_PAUSE_S", 0.05)
         async with writer.transaction():
             await writer.execute("LOCK TABLE usage_events IN ROW EXCLUSIVE MODE")
-            with pytest.raises(verify_module.FenceUnavailable, match="never free of writers"):
+            with (
+                capture_logs() as logs,
+                pytest.raises(verify_module.FenceUnavailable, match="never free of writers"),
+            ):
                 await _recent(settings)
             assert await writer.fetchval("SELECT count(*) FROM usage_events") == 2
+        # Each attempt says who held it off: the operator's way to the writer.
+        busy = [line for line in logs if line["event"] == "verify_fence_busy"]
+        assert [line["attempt"] for line in busy] == [1, 2]
+        assert all(
+            [holder["pid"] for holder in line["holders"]] == [writer.get_server_pid()]
+            for line in busy
+        )
     finally:
         await writer.close()
     report = await _recent(settings)

@@ -57,13 +57,14 @@ SHOWN_ROWS = 20
 
 # One run at a time: each starts from the checkpoint the last one wrote.
 _VERIFY_LOCK_ID = 0x76657269  # "veri"
-# The fence's SHARE lock waits for the writers in flight, and new writers wait behind it.
-# It waits 2 s at most: past deadlock_timeout (1 s), so that an autovacuum of one of the
-# tables, which would otherwise hold it off for minutes, is cancelled for it as for any
-# lock request; then it tries again a second later, 10 times, before the run is given up
-# (the verify worker tries again at its next interval).
-FENCE_LOCK_TIMEOUT_MS = 2000
-FENCE_ATTEMPTS = 10
+# The fence's SHARE lock waits for the writers in flight, and every new writer of those
+# tables queues behind it for as long as it waits: each attempt stalls ingestion by up to
+# its timeout. So it first waits briefly, which is enough when the writers in flight are
+# lane transactions; only the last attempts wait past deadlock_timeout (1 s), so that an
+# autovacuum of one of the tables, which would otherwise hold verify off for as long as it
+# runs, is cancelled for it as for any lock request. Attempts are a second apart; after the
+# last the run is given up (the verify worker tries again at its next interval).
+FENCE_LOCK_TIMEOUTS_MS = (200,) * 8 + (2000,) * 2
 FENCE_PAUSE_S = 1.0
 FENCED_TABLES = "usage_events, charges, dead_letters, outbox"
 
@@ -200,10 +201,10 @@ async def _fenced_snapshot(
     the numbered tables was in flight, with the last numbers handed out then: every row
     numbered up to them is in the snapshot or never will be. The lock is held for as long
     as taking the snapshot lasts, not for the checks."""
-    for attempt in range(FENCE_ATTEMPTS):
+    for attempt, timeout_ms in enumerate(FENCE_LOCK_TIMEOUTS_MS, start=1):
         try:
             async with fence.transaction(isolation="repeatable_read"):
-                await fence.execute(f"SET LOCAL lock_timeout = {FENCE_LOCK_TIMEOUT_MS}")
+                await fence.execute(f"SET LOCAL lock_timeout = {timeout_ms}")
                 await fence.execute(f"LOCK TABLE {FENCED_TABLES} IN SHARE MODE")
                 cut = await fence.fetchrow(db.QUERIES["verify_fence"])
                 assert cut is not None
@@ -216,14 +217,20 @@ async def _fenced_snapshot(
                     await transaction.rollback()
                     raise
         except asyncpg.LockNotAvailableError:
-            log.info("verify_fence_busy", attempt=attempt + 1)
+            holders = await fence.fetch(db.QUERIES["verify_fence_holders"])
+            log.info(
+                "verify_fence_busy",
+                attempt=attempt,
+                waited_ms=timeout_ms,
+                holders=[dict(row.items()) for row in holders],
+            )
             await asyncio.sleep(FENCE_PAUSE_S)
         else:
             numbers = (cut["usage_id"], cut["charge_id"], cut["dead_letter_id"], cut["outbox_id"])
             return transaction, numbers
     raise FenceUnavailable(
         f"verify could not take its snapshot: {FENCED_TABLES} were never free of writers"
-        f" for {FENCE_LOCK_TIMEOUT_MS} ms in {FENCE_ATTEMPTS} attempts a second apart"
+        f" in {len(FENCE_LOCK_TIMEOUTS_MS)} attempts a second apart"
         " (a long transaction writing them?); try again, or run --full, which needs no lock"
     )
 

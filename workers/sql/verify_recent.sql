@@ -28,6 +28,23 @@ SELECT pg_export_snapshot() AS snapshot,
        coalesce(pg_sequence_last_value(
            pg_get_serial_sequence('outbox', 'outbox_id')::regclass), 0) AS outbox_id;
 
+-- name: verify_fence_holders
+-- Who held the fence off: the oldest transactions holding a lock on the fenced tables
+-- that SHARE conflicts with (an autovacuum shows as such), for verify_fence_busy.
+SELECT a.pid, a.backend_type, a.application_name,
+       round(extract(epoch FROM now() - a.xact_start)::numeric, 1)::float8 AS xact_s,
+       left(a.query, 120) AS query
+FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.granted AND a.pid <> pg_backend_pid()
+  AND l.relation IN ('usage_events'::regclass, 'charges'::regclass,
+                     'dead_letters'::regclass, 'outbox'::regclass)
+  AND l.mode IN ('RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock',
+                 'ExclusiveLock', 'AccessExclusiveLock')
+GROUP BY a.pid, a.backend_type, a.application_name, a.xact_start, a.query
+ORDER BY a.xact_start NULLS LAST
+LIMIT 3;
+
 -- name: verify_recent_from
 -- Where the last passing run left off (nothing: a first run, which reads everything).
 SELECT coalesce(max(usage_id_through), 0) AS usage_id,
