@@ -4,6 +4,7 @@ business, not the tests' (these machines are shared and noisy)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from tests.support import Stack
 from workers.devtools.bench.measure import server_cpu_seconds
+from workers.settings import Settings
 
 KEYS = (
     "events", "throughput_eps", "raw_consume_eps", "raw_copy_eps", "naive_eps",
@@ -104,3 +106,38 @@ async def test_postgres_cpu_includes_the_processes_that_have_exited(
     assert spent > 0.1
     # Times are in clock ticks (10 ms) and summed over processes: allow a tick or two.
     assert server_cpu_seconds(servers)["postgres"] - before >= spent - 0.05
+
+
+async def test_send_at_rate_sends_what_is_due_by_the_end_whatever_the_tick(
+    settings: Settings,
+) -> None:
+    """A coarse tick (the soak's) still sends every record due by ``seconds``: the last
+    tick falls at the end, not a tick's worth of load short of it."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from workers.devtools.bench.load import Planned, send_at_rate
+    from workers.kafka import ensure_topics, make_producer
+
+    await ensure_topics(settings, partitions=1)
+    planned = [Planned(settings.topic_usage, None, b"{}", 0, None) for _ in range(1_000)]
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        count, seconds, _, acks = await send_at_rate(producer, planned, 100, 1.2, tick_s=0.5)
+        await asyncio.gather(*acks)
+    finally:
+        await producer.stop()
+    assert count == 120
+    assert 1.2 <= seconds < 1.5
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    read = 0
+    try:
+        consumer.assign([TopicPartition(settings.topic_usage, 0)])
+        while batch := await consumer.getmany(timeout_ms=1_000):
+            read += sum(len(records) for records in batch.values())
+    finally:
+        await consumer.stop()
+    assert read == 120

@@ -52,6 +52,11 @@ def add_bench(nouns: argparse._SubParsersAction[Parser]) -> None:
         help="length of the fixed-rate (latency) phase",
     )  # fmt: skip
     bench.add_argument(
+        "--send-tick-ms", type=positive_float, metavar="MS",
+        help="how often the fixed-rate load sends what is due, one batch per partition "
+        "(default 2)",
+    )  # fmt: skip
+    bench.add_argument(
         "--naive-seconds", type=positive_float, default=10.0, metavar="S",
         help="length of each naive-baseline phase",
     )  # fmt: skip
@@ -112,6 +117,7 @@ async def bench_command(settings: Settings, args: argparse.Namespace) -> int:
         events=args.events,
         json_path=args.json,
         fixed_rate_s=args.fixed_rate_seconds,
+        send_tick_s=None if args.send_tick_ms is None else args.send_tick_ms / 1000,
         naive_s=args.naive_seconds,
         profile_dir=args.profile,
     )

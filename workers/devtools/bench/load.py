@@ -213,7 +213,8 @@ async def send_at_rate(
     stamped with the time they are sent (their CreateTime, from which the worker measures
     latency), and each batch is sent as it is: no linger. aiokafka's ``send`` runs Python for
     every record, on the cores the worker and the servers need; its batch builder does that
-    work in C.
+    work in C. The last tick falls at ``seconds``, so that what is due by then is sent
+    whatever the tick.
     Returns the records sent, the seconds it took, the send time (ms) of each depleting
     record by reference, and the acks to wait for.
     """
@@ -221,7 +222,8 @@ async def send_at_rate(
     sent: dict[str, int] = {}
     count = 0
     started = time.monotonic()
-    while (elapsed := time.monotonic() - started) < seconds:
+    while True:
+        elapsed = min(time.monotonic() - started, seconds)
         due = min(len(planned), int(elapsed * rate))
         now_ms = int(time.time() * 1000)
         batches: dict[tuple[str, int], Any] = {}  # aiokafka's BatchBuilder, untyped
@@ -238,5 +240,7 @@ async def send_at_rate(
             count += 1
         for (topic, partition), batch in batches.items():
             acks.append(await producer.send_batch(batch, topic, partition=partition))
-        await asyncio.sleep(tick_s)
+        if elapsed >= seconds:
+            break
+        await asyncio.sleep(min(tick_s, seconds - elapsed))
     return count, time.monotonic() - started, sent, acks

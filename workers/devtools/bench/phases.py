@@ -26,6 +26,7 @@ from workers import db
 from workers.devtools.bench.load import (
     FLOWS,
     PARTITIONS,
+    SEND_TICK_S,
     Load,
     plan_fixed_rate,
     publish,
@@ -280,6 +281,7 @@ async def fixed_rate(
     already: int,
     customers: int,
     servers: dict[str, int],
+    tick_s: float = SEND_TICK_S,
 ) -> dict[str, Any]:
     """The mixed load at ``rate`` records/s for ``seconds``, with depletions threaded
     through. Returns p50/p99 end-to-end latency and the p99 alert latency, in ms, the rate
@@ -291,7 +293,9 @@ async def fixed_rate(
     planned = plan_fixed_rate(math.ceil(rate * seconds), customers, run, topics)
     cpu_before = cpu_seconds_by_process(worker, servers)
     try:
-        count, sending_s, sent, acks = await send_at_rate(producer, planned, rate, seconds)
+        count, sending_s, sent, acks = await send_at_rate(
+            producer, planned, rate, seconds, tick_s=tick_s
+        )
         # Where the machine's CPU went while the load ran: the producer shares it too.
         cpu = cpu_cores_between(cpu_before, cpu_seconds_by_process(worker, servers), sending_s)
         await asyncio.gather(*acks)
@@ -348,6 +352,7 @@ async def machine(
     *,
     processes: int,
     fixed_rate_s: float,
+    send_tick_s: float,
     run: str,
     customers: int,
     servers: dict[str, int],
@@ -390,6 +395,7 @@ async def machine(
                 fixed_rate(
                     own, fleet, figures["machine_throughput_eps"] * pct / 100, fixed_rate_s,
                     run=f"{run}c{pct}-", already=already, customers=customers, servers=servers,
+                    tick_s=send_tick_s,
                 ),
                 timeout=fixed_rate_s + 240,
             )  # fmt: skip

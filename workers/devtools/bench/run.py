@@ -47,7 +47,13 @@ from pydantic import SecretStr
 from rich.console import Console
 
 from workers.devtools.bench.http import http_api
-from workers.devtools.bench.load import PARTITIONS, build_load, customer_count, publish
+from workers.devtools.bench.load import (
+    PARTITIONS,
+    SEND_TICK_S,
+    build_load,
+    customer_count,
+    publish,
+)
 from workers.devtools.bench.measure import python_loop_seconds, server_pids
 from workers.devtools.bench.phases import (
     CURVE_LOADS_PCT,
@@ -78,6 +84,7 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
     events: int,
     json_path: Path | None,
     fixed_rate_s: float = 20.0,
+    send_tick_s: float | None = None,
     naive_s: float = 10.0,
     profile_dir: Path | None = None,
     api_s: float | None = None,
@@ -178,8 +185,8 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
         results.update(
             await machine(
                 settings, workdir, build_load(events, run=f"{run}-m-"), processes=processes,
-                fixed_rate_s=fixed_rate_s, run=f"{run}-m-", customers=customer_count(events),
-                servers=servers,
+                fixed_rate_s=fixed_rate_s, send_tick_s=send_tick_s or SEND_TICK_S, run=f"{run}-m-",
+                customers=customer_count(events), servers=servers,
             )
         )  # fmt: skip
         half = next(p for p in results["latency_curve"] if p["load_pct"] == HALF_PCT)
