@@ -119,7 +119,7 @@ async def test_send_at_rate_sends_what_is_due_by_the_end_whatever_the_tick(
     from workers.kafka import ensure_topics, make_producer
 
     await ensure_topics(settings, partitions=1)
-    planned = [Planned(settings.topic_usage, None, b"{}", 0, None) for _ in range(1_000)]
+    planned = [Planned(settings.topic_usage, b"k", b"{}", 0, None) for _ in range(1_000)]
     producer = make_producer(settings)
     await producer.start()
     try:
