@@ -8,10 +8,10 @@ from aiokafka.partitioner import DefaultPartitioner
 from workers.devtools.bench.load import DEPLETING_EVERY, PARTITIONS, Planned, plan_fixed_rate
 
 CHUNK_S = 10.0  # the load is planned and sent 10 s at a time
-# What is due is sent every 500 ms (a producer's linger), not every 2 ms as in the bench's
-# short phases: the embedded broker's memory storage reads through every record batch a
-# partition holds on each fetch, so its CPU grows with the batches sent; over half an hour
-# anything finer makes its fetches, not chargeline, set the latency (the bench's README,
+# What is due is sent in coarser ticks than the bench's short phases use (a producer's
+# linger): the embedded broker's memory storage reads through every record batch a
+# partition holds on each fetch, so its CPU grows with the batches sent, and over a long
+# run finer ticks make its fetches, not chargeline, set the latency (the bench's README,
 # "The embedded broker over a long run"). Records are stamped when sent, so the linger is
 # not part of the latency measured.
 SEND_TICK_S = 0.5
