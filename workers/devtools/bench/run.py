@@ -92,8 +92,9 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
     """Every phase, in order, on an embedded stack of its own unless the environment names
     both servers; the figures are shown, written to ``json_path`` if given, and returned.
     Each step of the HTTP phase lasts ``api_s`` seconds (by default ``fixed_rate_s``, at
-    most 5)."""
+    most 5); the latency curve sends every ``send_tick_s`` (by default ``SEND_TICK_S``)."""
     api_s = min(5.0, fixed_rate_s) if api_s is None else api_s
+    send_tick_s = SEND_TICK_S if send_tick_s is None else send_tick_s
     # Imported when run, so that importing the bench's modules (as the tests do) does not
     # load the embedded servers' packages.
     from workers.devtools.devstack import LocalStack
@@ -185,7 +186,7 @@ async def run_bench(  # noqa: PLR0915 -- the phases in order, as the docstring l
         results.update(
             await machine(
                 settings, workdir, build_load(events, run=f"{run}-m-"), processes=processes,
-                fixed_rate_s=fixed_rate_s, send_tick_s=send_tick_s or SEND_TICK_S, run=f"{run}-m-",
+                fixed_rate_s=fixed_rate_s, send_tick_s=send_tick_s, run=f"{run}-m-",
                 customers=customer_count(events), servers=servers,
             )
         )  # fmt: skip
