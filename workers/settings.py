@@ -97,6 +97,14 @@ class Settings(BaseSettings):
     # --- batching and back-off ---
     batch_max_records: int = Field(default=4000, ge=1, le=100_000)
     batch_max_wait_ms: int = Field(default=100, ge=1, le=60_000)
+    batch_linger_ms: int = Field(
+        default=50,
+        ge=0,
+        le=10_000,
+        description="Once a fetch has returned records, how long to go on gathering more, up "
+        "to batch_max_records, before applying them: under light load, fewer and larger "
+        "transactions for at most this much latency; 0 applies each fetch as it comes.",
+    )
     batches_in_flight: int = Field(
         default=2,
         ge=1,

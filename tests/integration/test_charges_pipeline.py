@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import random
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.support import (
     assert_invariants,
@@ -21,6 +23,7 @@ from tests.support import (
     setup_pipeline,
     wait_for,
 )
+from workers.kafka import make_producer
 from workers.settings import Settings
 
 
@@ -160,3 +163,82 @@ async def test_unknown_flow_and_wrong_key_are_dead_lettered_and_neighbours_appli
         for r in await fetch(settings, "SELECT reference FROM charges ORDER BY source_offset")
     ]
     assert refs == ["r1", "r4"]
+
+
+@pytest.mark.parametrize(("linger_ms", "batches"), [(0, 3), (5000, 1)])
+async def test_records_arriving_within_the_linger_are_applied_as_one_batch(
+    settings: Settings, linger_ms: int, batches: int
+) -> None:
+    await setup_pipeline(settings, partitions=1, flows=[("flow_a", "active")])
+    settings = settings.model_copy(update={"batch_linger_ms": linger_ms})
+    producer = make_producer(settings, client_id="test-producer", linger_ms=0)
+    await producer.start()
+    try:
+        async with running_worker(settings, "charges") as process:
+            await wait_for(functools.partial(_assigned, process), what="the partition assigned")
+            for n in range(3):  # three fetches apart
+                key, value = record(charge("flow_a", "cust_1", f"ref-{n}"))
+                await (await producer.send(settings.topic_charges, value=value, key=key))
+                await asyncio.sleep(0.3)
+            await wait_for(functools.partial(ingest_done, process, 3), what="3 records processed")
+            metrics = process.metrics
+    finally:
+        await producer.stop()
+    sizes = [
+        sample.value
+        for family in metrics.registry.collect()
+        if family.name == "chargeline_batch_size"
+        for sample in family.samples
+        if sample.name == "chargeline_batch_size_count"
+    ]
+    assert sum(sizes) == batches
+    assert await fetchval(settings, "SELECT count(*) FROM charges") == 3
+
+
+async def _assigned(process: Any) -> bool:
+    return process.ingest is not None and bool(process.ingest.consumer.assignment())
+
+
+async def test_a_rebalance_while_a_batch_gathers_goes_on(settings: Settings) -> None:
+    # aiokafka marks a rebalance begun before it calls the revoke listener, which waits for
+    # the batch being gathered; a fetch begun after that mark waits for the new assignment.
+    # Unbounded, the two would wait for each other and the new member would never join.
+    await setup_pipeline(settings, partitions=2, flows=[("flow_a", "active")])
+    settings = settings.model_copy(update={"batch_linger_ms": 2000})
+    producer = make_producer(settings, client_id="test-producer", linger_ms=0)
+    await producer.start()
+    sent = 0
+    stop = asyncio.Event()
+
+    async def trickle() -> None:  # a record every 50 ms: the first member is always gathering
+        nonlocal sent
+        while not stop.is_set():
+            key, value = record(charge("flow_a", f"cust_{sent % 7}", f"ref-{sent}"))
+            await (await producer.send(settings.topic_charges, value=value, key=key))
+            sent += 1
+            await asyncio.sleep(0.05)
+
+    try:
+        async with running_worker(settings, "charges") as first:
+            await wait_for(functools.partial(_assigned, first), what="the first member assigned")
+            sending = asyncio.create_task(trickle())
+            await asyncio.sleep(0.5)
+            async with running_worker(settings, "charges") as second:
+                await wait_for(
+                    functools.partial(_assigned, second),
+                    timeout=30,
+                    what="the second member assigned, the first having let its partition go",
+                )
+                stop.set()
+                await sending
+                await wait_for(
+                    lambda: _charges_are(settings, sent), timeout=30, what="every charge applied"
+                )
+    finally:
+        stop.set()
+        await producer.stop()
+    assert await fetchval(settings, "SELECT count(DISTINCT reference) FROM charges") == sent
+
+
+async def _charges_are(settings: Settings, count: int) -> bool:
+    return bool(await fetchval(settings, "SELECT count(*) = $1 FROM charges", count))

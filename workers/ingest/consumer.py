@@ -148,7 +148,7 @@ class ConsumerLoop(WorkerLoop):
                 records = [record for tp_records in batches.values() for record in tp_records]
                 if records and self.in_flight.failure is None:
                     async with self.batch_lock:
-                        await self._submit(records)
+                        await self._submit(await self._gather(records))
                 self._update_lag()
             await self.settle()
         except Stopping as exc:
@@ -189,6 +189,38 @@ class ConsumerLoop(WorkerLoop):
     async def _start_consumer(self) -> bool:
         await self.retry(self.consumer.start, is_transient=kafka.is_transient, component="kafka")
         return True
+
+    async def _gather(self, records: list[Record]) -> list[Record]:
+        """Add what the next fetches bring to ``records`` for ``batch_linger_ms``, up to
+        ``batch_max_records``.
+
+        Each batch costs a transaction per lane, whatever its size: under light load, a
+        batch per fetch spends the machine on statements and commits of a few records each,
+        and the records wait for that. With a backlog the first fetch is full and nothing
+        waits.
+
+        Called with ``batch_lock`` held. aiokafka marks a rebalance begun before it calls
+        the revoke listener, which waits for that lock, and from then on ``getmany`` waits
+        for the new assignment with no deadline: each fetch here is bounded by the linger
+        left, so the records gathered so far are submitted and the rebalance goes on.
+        """
+        limit = self.settings.batch_max_records
+        deadline = time.monotonic() + self.settings.batch_linger_ms / 1000
+        while len(records) < limit and not self.stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                more = await asyncio.wait_for(
+                    self.consumer.getmany(
+                        timeout_ms=max(1, int(left * 1000)), max_records=limit - len(records)
+                    ),
+                    timeout=left,
+                )
+            except TimeoutError:
+                break
+            records.extend(record for tp_records in more.values() for record in tp_records)
+        return records
 
     async def _submit(self, records: list[Record]) -> None:
         """Parse ``records`` while earlier batches are in Postgres, then hand them over."""
