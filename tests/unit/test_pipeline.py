@@ -15,6 +15,11 @@ from workers.ingest.pipeline import BatchPipeline, LaneBroken
 class Piece:
     lane: str
     name: str
+    also: tuple[str, ...] = ()  # more lanes it stands for
+
+    @property
+    def covers(self) -> tuple[str, ...]:
+        return (self.lane, *self.also)
 
 
 class Recorder:
@@ -73,6 +78,54 @@ async def test_a_lane_waits_for_its_previous_part_and_not_for_other_lanes() -> N
         "finished b1: a1,b1",
         "finished b2: a2,b2",
     ]
+
+
+async def test_a_part_covering_several_lanes_follows_each_and_each_follows_it() -> None:
+    rec = Recorder()
+    pipe = pipeline(rec, max_batches=3)
+    await pipe.submit("b1", [Piece("a", "a1"), Piece("b", "b1"), Piece("c", "c1")])
+    await pipe.submit("b2", [Piece("a", "ab2", also=("b",))])  # a small batch: one part
+    await pipe.submit("b3", [Piece("a", "a3"), Piece("b", "b3"), Piece("c", "c3")])
+    for name in ("a1", "c1", "c3"):
+        rec.gate(name).set()
+    await settle_loop()
+    # Lane c, not covered, moved on; the covering part still waits for lane b.
+    assert "start ab2" not in rec.log
+    assert "applied c3" in rec.log
+
+    rec.gate("b1").set()
+    await settle_loop()
+    assert rec.log.count("start ab2") == 1
+    assert "start a3" not in rec.log and "start b3" not in rec.log
+
+    for name in ("ab2", "a3", "b3"):
+        rec.gate(name).set()
+    await pipe.settle()
+    log = rec.log
+    for lane_part in ("a3", "b3"):
+        assert log.index("applied ab2") < log.index(f"start {lane_part}")
+    assert [line for line in log if line.startswith("finished")] == [
+        "finished b1: a1,b1,c1",
+        "finished b2: ab2",
+        "finished b3: a3,b3,c3",
+    ]
+
+
+async def test_a_failed_part_covering_several_lanes_breaks_each() -> None:
+    rec = Recorder()
+    rec.failing.add("ab1")
+    pipe = pipeline(rec, max_batches=3)
+    await pipe.submit("b1", [Piece("a", "ab1", also=("b",)), Piece("c", "c1")])
+    await pipe.submit("b2", [Piece("a", "a2"), Piece("b", "b2"), Piece("c", "c2")])
+    for name in ("ab1", "c1", "a2", "b2", "c2"):
+        rec.gate(name).set()
+    with pytest.raises(RuntimeError, match="ab1 failed"):
+        await pipe.settle()
+    assert "start a2" not in rec.log and "start b2" not in rec.log
+    assert "applied c2" in rec.log  # another lane: absorbed by dedup when redelivered
+    with pytest.raises(RuntimeError, match="ab1 failed"):
+        await pipe.settle()
+    await pipe.abandon()
 
 
 async def test_batches_finish_in_order_even_when_a_later_one_is_applied_first() -> None:

@@ -21,7 +21,13 @@ from workers import kafka
 from workers.db import Pool
 from workers.ingest.parse import Record, describe_exception
 from workers.ingest.pipeline import BatchPipeline
-from workers.ingest.processor import BatchProcessor, BatchResult, Part, partition_spans
+from workers.ingest.processor import (
+    BatchProcessor,
+    BatchResult,
+    Part,
+    lane_name,
+    partition_spans,
+)
 from workers.lifecycle import WorkerLoop
 from workers.logs import get_logger
 from workers.metrics import Metrics
@@ -360,12 +366,16 @@ class ConsumerLoop(WorkerLoop):
                     log.error(
                         "lane_stalled",
                         worker=self.name,
-                        lane=f"{lane[0]}[partition % {self.settings.batch_lanes} = {lane[1]}]",
+                        lane=lane_name(lane, self.settings.batch_lanes),
                         oldest_offsets=oldest,
                         waiting_s=round(now - since, 1),
                     )
             for lane in self.stalled.keys() - late.keys():
-                log.info("lane_stall_over", worker=self.name, lane=f"{lane[0]}[{lane[1]}]")
+                log.info(
+                    "lane_stall_over",
+                    worker=self.name,
+                    lane=lane_name(lane, self.settings.batch_lanes),
+                )
             self.stalled = {lane: oldest for lane, (_, oldest) in late.items()}
             self.metrics.stalled_lanes.labels(worker=self.name).set(len(self.stalled))
 

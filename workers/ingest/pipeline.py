@@ -1,10 +1,12 @@
 """Batches in flight: how the ingest loop keeps Postgres and its own CPU busy at once.
 
 A batch is split into parts, one per *lane* (a topic's partitions modulo ``batch_lanes``),
-each applied in a transaction of its own. The rules:
+each applied in a transaction of its own; a part may also stand for several lanes at once
+(``covers``: a small batch's topic in one transaction). The rules:
 
 1. a lane's transactions run one at a time, in fetch order, so the records of a partition
-   are applied in order;
+   are applied in order; a part covering several lanes waits for each of them, and each
+   of them waits for it;
 2. different lanes run side by side, and a lane starts its part of the next batch as soon
    as its part of this one is done, without waiting for the batch's slowest lane;
 3. a batch is *finished* (its offsets committed) only once all its parts are applied and
@@ -27,7 +29,9 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 class Laned(Protocol):
     @property
-    def lane(self) -> Hashable: ...
+    def covers(self) -> tuple[Hashable, ...]:
+        """The lanes whose order the part keeps: its own, or several."""
+        ...
 
 
 B = TypeVar("B")  # what the caller needs to finish a batch (its records)
@@ -73,10 +77,11 @@ class BatchPipeline(Generic[B, P, R]):
             await self._retire_oldest()
         tasks: list[asyncio.Task[R]] = []
         for part in parts:
-            previous = self._lane_tails.get(part.lane)
+            previous = {self._lane_tails[lane] for lane in part.covers if lane in self._lane_tails}
             task = asyncio.create_task(self._apply_after(batch, part, previous))
             task.add_done_callback(self._report_failure)
-            self._lane_tails[part.lane] = task
+            for lane in part.covers:
+                self._lane_tails[lane] = task
             tasks.append(task)
         before = self._in_flight[-1].finished if self._in_flight else None
         finished = asyncio.create_task(self._finish_after(batch, tasks, before))
@@ -130,11 +135,11 @@ class BatchPipeline(Generic[B, P, R]):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _apply_after(self, batch: B, part: P, previous: asyncio.Task[R] | None) -> R:
-        if previous is not None:
-            await asyncio.wait({previous})
-            if previous.cancelled() or previous.exception() is not None:
-                raise LaneBroken(f"an earlier part of lane {part.lane} was not applied")
+    async def _apply_after(self, batch: B, part: P, previous: set[asyncio.Task[R]]) -> R:
+        if previous:
+            await asyncio.wait(previous)
+            if any(task.cancelled() or task.exception() is not None for task in previous):
+                raise LaneBroken(f"an earlier part of lanes {part.covers} was not applied")
         return await self._apply(batch, part)
 
     async def _finish_after(

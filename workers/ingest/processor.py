@@ -43,6 +43,23 @@ from workers.settings import Settings
 log = get_logger("chargeline.ingest")
 T = TypeVar("T")
 
+MERGED_LANE = -1
+"""The lane number of a part that stands for every lane of its topic."""
+
+SMALL_PART_RECORDS = 200
+"""Below this many records per lane, a topic's share of a batch is applied as one part, in
+one transaction, instead of one per lane. Each transaction costs about ten statements and a
+commit whatever its size; a small batch, what light load brings, gains nothing from lanes
+side by side and pays for each. With a backlog the parts are large and nothing is merged."""
+
+
+def lane_name(lane: tuple[str, int], lanes: int) -> str:
+    """A lane as logs name it: ``topic[partition % 3 = 1]``, or ``topic[every partition]``."""
+    topic, number = lane
+    if number == MERGED_LANE:
+        return f"{topic}[every partition]"
+    return f"{topic}[partition % {lanes} = {number}]"
+
 
 class Handler(Protocol):
     """Applies the valid events of one topic inside the batch's transaction."""
@@ -68,16 +85,21 @@ class Part:
     ``known`` by (topic, type), the others parsed. A retried transaction does not redo it.
     """
 
-    lane: tuple[str, int]  # (topic, partition modulo batch_lanes)
+    lane: tuple[str, int]  # (topic, partition modulo batch_lanes), or (topic, MERGED_LANE)
     handler: Handler
     parsed: list[Parsed] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     unparsed: list[Record] | None = None
     known: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # The lanes whose order it keeps (workers.ingest.pipeline): its own, or for a merged
+    # part every lane of its topic.
+    covers: tuple[tuple[str, int], ...] = ()
     probed: bool = field(init=False, default=False)  # prepared with unparsed records
 
     def __post_init__(self) -> None:
         self.probed = self.unparsed is not None
+        if not self.covers:
+            self.covers = (self.lane,)
 
     def records(self) -> list[Record]:
         """The part's records, parsed or not."""
@@ -134,14 +156,23 @@ class BatchProcessor:
         return list(self.handlers)
 
     def prepare(self, records: Sequence[Record]) -> list[Part]:
-        """Parse per lane (a topic's partitions modulo ``batch_lanes``); pure CPU work done
-        once, outside any retry."""
+        """Parse per lane (a topic's partitions modulo ``batch_lanes``), or a small batch's
+        topic as one part (``SMALL_PART_RECORDS``); pure CPU work done once, outside any
+        retry."""
         lanes = self.settings.batch_lanes
         by_lane: dict[tuple[str, int], list[Record]] = {}
         for record in records:
             by_lane.setdefault((record.topic, record.partition % lanes), []).append(record)
         parts = []
+        merged = self._merged_topics(records)
+        for topic in merged:
+            handler = self.handlers[topic]
+            parsed, rejected = self._parse(handler, [r for r in records if r.topic == topic])
+            every_lane = tuple((topic, number) for number in range(lanes))
+            parts.append(Part((topic, MERGED_LANE), handler, parsed, rejected, covers=every_lane))
         for lane, lane_records in by_lane.items():
+            if lane[0] in merged:
+                continue
             handler = self.handlers[lane[0]]
             if self.lane_modes.probing(lane):
                 parts.append(Part(lane, handler, unparsed=lane_records))
@@ -149,6 +180,21 @@ class BatchProcessor:
             parsed, rejected = self._parse(handler, lane_records)
             parts.append(Part(lane, handler, parsed, rejected))
         return parts
+
+    def _merged_topics(self, records: Sequence[Record]) -> set[str]:
+        """The topics whose records in this batch are few enough to apply as one part. A
+        topic with a lane that probes for known records is never merged: its parts keep
+        the lanes' modes."""
+        lanes = self.settings.batch_lanes
+        if lanes == 1:
+            return set()
+        counts = Counter(record.topic for record in records)
+        return {
+            topic
+            for topic, count in counts.items()
+            if count < SMALL_PART_RECORDS * lanes
+            and not any(self.lane_modes.probing((topic, number)) for number in range(lanes))
+        }
 
     def _parse(
         self, handler: Handler, records: list[Record]
@@ -211,19 +257,23 @@ class BatchProcessor:
         return result
 
     def _observe_lane(self, part: Part, *, duplicates: int, known: int) -> None:
+        # A merged part's share of duplicates stands for each lane it covers: a re-read
+        # arriving in small batches still sets its lanes probing.
         records = len(part.parsed) + len(part.rejected) + known
-        change = self.lane_modes.observe(
-            part.lane, probed=part.probed, records=records, duplicates=duplicates, known=known
-        )
-        if change is not None:
-            # Why a lane's cost per record moved: its records were (or stopped being) re-reads.
-            log.info(
-                f"known_record_probe_{change}",
-                lane=f"{part.lane[0]}[partition % {self.settings.batch_lanes} = {part.lane[1]}]",
-                records=records,
-                duplicates=duplicates,
-                known=known,
+        for lane in part.covers:
+            change = self.lane_modes.observe(
+                lane, probed=part.probed, records=records, duplicates=duplicates, known=known
             )
+            if change is not None:
+                # Why a lane's cost per record moved: its records were (or stopped being)
+                # re-reads.
+                log.info(
+                    f"known_record_probe_{change}",
+                    lane=lane_name(lane, self.settings.batch_lanes),
+                    records=records,
+                    duplicates=duplicates,
+                    known=known,
+                )
 
     async def transact(
         self,
@@ -282,7 +332,7 @@ class BatchProcessor:
         """Apply ``part`` in halves, each in a transaction of its own, down to the records
         that fail on their own; dead-letter those. Innocent records apply in order: the
         first half before the second, at every level."""
-        topic, lane = part.lane
+        topic = part.lane[0]
         if part.unparsed is not None:  # it failed while looking up known records
             part.parsed, part.rejected = self._parse(part.handler, part.unparsed)
             part.unparsed = None
@@ -293,7 +343,7 @@ class BatchProcessor:
         log.error(
             "lane_apply_failed",
             topic=topic,
-            lane=lane,
+            lane=lane_name(part.lane, self.settings.batch_lanes),
             records=len(items),
             offsets=_offset_ranges(item.record for item in items),
             error=describe_exception(failure),
