@@ -160,19 +160,21 @@ class BatchProcessor:
         topic as one part (``SMALL_PART_RECORDS``); pure CPU work done once, outside any
         retry."""
         lanes = self.settings.batch_lanes
+        merged: dict[str, list[Record]] = {topic: [] for topic in self._merged_topics(records)}
         by_lane: dict[tuple[str, int], list[Record]] = {}
         for record in records:
-            by_lane.setdefault((record.topic, record.partition % lanes), []).append(record)
+            topic_records = merged.get(record.topic)
+            if topic_records is not None:
+                topic_records.append(record)
+            else:
+                by_lane.setdefault((record.topic, record.partition % lanes), []).append(record)
         parts = []
-        merged = self._merged_topics(records)
-        for topic in merged:
+        for topic, topic_records in merged.items():
             handler = self.handlers[topic]
-            parsed, rejected = self._parse(handler, [r for r in records if r.topic == topic])
+            parsed, rejected = self._parse(handler, topic_records)
             every_lane = tuple((topic, number) for number in range(lanes))
             parts.append(Part((topic, MERGED_LANE), handler, parsed, rejected, covers=every_lane))
         for lane, lane_records in by_lane.items():
-            if lane[0] in merged:
-                continue
             handler = self.handlers[lane[0]]
             if self.lane_modes.probing(lane):
                 parts.append(Part(lane, handler, unparsed=lane_records))
