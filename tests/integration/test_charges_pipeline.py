@@ -210,7 +210,7 @@ async def test_a_rebalance_while_a_batch_gathers_goes_on(settings: Settings) -> 
     sent = 0
     stop = asyncio.Event()
 
-    async def trickle() -> None:  # a record every 50 ms: the first member is always gathering
+    async def trickle() -> None:  # records closer together than the linger: always gathering
         nonlocal sent
         while not stop.is_set():
             key, value = record(charge("flow_a", f"cust_{sent % 7}", f"ref-{sent}"))

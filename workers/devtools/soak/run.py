@@ -60,9 +60,9 @@ from workers.settings import Settings
 console = Console(stderr=True)
 
 CAPACITY_EVENTS = 100_000
-# The default rate, as a share of the capacity measured first: below the bench's latency
-# point, so that the pipeline has room to catch up after each crash (the bench's README,
-# "The soak", says why the bench's share leaves none).
+# The default rate, as a share of the capacity measured first: low enough that the
+# pipeline has room to catch up after each crash (the bench's README, "The soak", says why
+# a larger share leaves none).
 RATE_SHARE = 0.25
 
 
