@@ -146,7 +146,8 @@ SERVER_SETTINGS = {
     "application_name": "chargeline",
     # The batch statements take arrays of thousands of rows: after five runs Postgres would
     # switch them to a generic plan that guesses the arrays' sizes, far slower for large
-    # batches. Plan each execution. Every connection chargeline opens gets it from here.
+    # batches. Plan each execution. Every connection chargeline opens gets it from here; a
+    # small part's transaction asks for generic plans (workers.ingest.processor).
     "plan_cache_mode": "force_custom_plan",
 }
 

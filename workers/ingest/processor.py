@@ -53,6 +53,16 @@ commit whatever its size; a small batch, what light load brings, gains nothing f
 side by side and pays for each. With a backlog the parts are large and nothing is merged."""
 
 
+GENERIC_PLAN_RECORDS = 500
+"""Up to this many records, a part's statements run on generic plans (planned once per
+connection and kept) rather than the custom plans every connection asks for
+(``workers.db.SERVER_SETTINGS``): planning a batch statement anew costs Postgres more than
+running it on a few hundred rows, and a plan made for a handful of rows serves that many as
+well. Large parts keep planning each execution, for their arrays' true sizes."""
+
+REUSE_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
+
+
 def lane_name(lane: tuple[str, int], lanes: int) -> str:
     """A lane as logs name it: ``topic[partition % 3 = 1]``, or ``topic[every partition]``."""
     topic, number = lane
@@ -307,6 +317,8 @@ class BatchProcessor:
     ) -> BatchResult:
         async def attempt() -> BatchResult:
             async with pool.acquire() as conn, conn.transaction():
+                if len(part.records()) <= GENERIC_PLAN_RECORDS:
+                    await conn.execute(REUSE_PLANS)
                 result = await self.apply(conn, [part])
                 if before_commit is not None:
                     before_commit("crash_before_db_commit")
