@@ -106,17 +106,13 @@ async def write_ledger(conn: Connection, ledger: Ledger, *, alerts_topic: str) -
             "ledger_entries", columns=LEDGER_COLUMNS, records=changes.entries
         )
     grants = [g for c in ledger.customers.values() for g in _all_grants(c) if g.changed]
-    if grants:
+    customers = [c for c in ledger.customers.values() if c.changed]
+    if grants or customers:
         await conn.execute(
-            QUERIES["update_grants"],
+            QUERIES["update_balances"],
             [g.grant_id for g in grants],
             [g.remaining for g in grants],
             [g.status for g in grants],
-        )
-    customers = [c for c in ledger.customers.values() if c.changed]
-    if customers:
-        await conn.execute(
-            QUERIES["update_customers"],
             [c.customer_ref for c in customers],
             [c.balance for c in customers],
             [c.overage for c in customers],

@@ -173,15 +173,17 @@ WHERE customer_ref = ANY($1::text[])
                SELECT * FROM unnest($2::text[], $3::text[]))))
 ORDER BY grant_id;
 
--- name: update_grants
-UPDATE grants g SET remaining = u.remaining, status = u.status
-FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS u(grant_id, remaining, status)
-WHERE g.grant_id = u.grant_id;
-
--- name: update_customers
+-- name: update_balances
+-- The grants' tokens left and status, and the customers' balances, in one round trip: the
+-- CTE runs whether or not the outer statement reads it. Either array may be empty.
+WITH grant_changes AS (
+    UPDATE grants g SET remaining = u.remaining, status = u.status
+    FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS u(grant_id, remaining, status)
+    WHERE g.grant_id = u.grant_id
+)
 UPDATE customers c
 SET balance = u.balance, overage = u.overage, ledger_seq = u.seq, updated_at = now()
-FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+FROM unnest($4::text[], $5::bigint[], $6::bigint[], $7::bigint[])
      AS u(customer_ref, balance, overage, seq)
 WHERE c.customer_ref = u.customer_ref;
 
