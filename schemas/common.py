@@ -8,7 +8,7 @@ currency codes. The few rules neither can express are small Python functions tha
 on the fields that need them:
 
 - "not more than ``MAX_FUTURE_SKEW`` in the future" on ``occurred_at``, and an instant that
-  stays within years 1-9999 once converted to UTC;
+  stays within years 1-9999 once converted to UTC, short of their first and last instants;
 - a calendar date that exists (2026-02-30 does not), left to ``datetime.fromisoformat``
   here and to ``format: date-time`` in the JSON Schema;
 - the 8 KiB serialized size (and Postgres-storable content) of ``metadata``.
@@ -195,19 +195,28 @@ _OFFSET = f"(?:[Zz]|[+-]{_HOUR}:{_MINUTE})"
 RFC3339_PATTERN = f"^{_YEAR}-{_MONTH}-{_DAY}[Tt]{_HOUR}:{_MINUTE}:{_SECOND}{_FRACTION}{_OFFSET}$"
 
 
+_FIRST_INSTANT = datetime.min.replace(tzinfo=UTC)
+_LAST_INSTANT = datetime.max.replace(tzinfo=UTC)
+_OUT_OF_RANGE = (
+    "Datetime should fall after 0001-01-01T00:00:00Z and before 9999-12-31T23:59:59.999999Z "
+    "once converted to UTC"
+)
+
+
 def _utc(value: datetime) -> datetime:
     # One instant, one form: "11:00:00+01:00" and "10:00:00Z" give the same fingerprint.
-    if value.tzinfo is UTC:
-        return value
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:
-        # "0001-01-01T00:00:00+01:00" is year 0 in UTC, "9999-12-31T23:59:59-01:00" year
-        # 10000: neither is a datetime Python (or this contract) can hold.
-        raise PydanticCustomError(
-            "datetime_out_of_range",
-            "Datetime should fall between 0001-01-01 and 9999-12-31 once converted to UTC",
-        ) from None
+    if value.tzinfo is not UTC:
+        try:
+            value = value.astimezone(UTC)
+        except OverflowError:
+            # "0001-01-01T00:00:00+01:00" is year 0 in UTC, "9999-12-31T23:59:59-01:00"
+            # year 10000: neither is a datetime Python can hold.
+            raise PydanticCustomError("datetime_out_of_range", _OUT_OF_RANGE) from None
+    if value in (_FIRST_INSTANT, _LAST_INSTANT):
+        # The first and last instants a datetime holds are -infinity and infinity to the
+        # Postgres driver: stored so, they would read back as other values (without a zone).
+        raise PydanticCustomError("datetime_out_of_range", _OUT_OF_RANGE)
+    return value
 
 
 def utc_now() -> datetime:
@@ -293,8 +302,8 @@ Timestamp = Annotated[
     datetime,
     _Rfc3339(
         _utc,
-        "RFC 3339 date-time with a time zone (Z or +hh:mm), within years 0001-9999 once "
-        "converted to UTC.",
+        "RFC 3339 date-time with a time zone (Z or +hh:mm), strictly between "
+        "0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z once converted to UTC.",
     ),
 ]
 """An RFC 3339 instant with an explicit offset, normalised to UTC."""
@@ -304,7 +313,8 @@ OccurredAt = Annotated[
     _Rfc3339(
         _not_in_future,
         "When it happened: RFC 3339 date-time with a time zone (Z or +hh:mm), at most 5 "
-        "minutes in the future, within years 0001-9999 once converted to UTC. Optional: "
+        "minutes in the future, strictly between 0001-01-01T00:00:00Z and "
+        "9999-12-31T23:59:59.999999Z once converted to UTC. Optional: "
         "defaults to the Kafka record's timestamp.",
     ),
 ]

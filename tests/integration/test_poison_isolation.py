@@ -110,25 +110,40 @@ async def test_instants_out_of_range_in_utc_are_dead_lettered_and_the_lane_flows
         charge("flow_a", "c1", "early", occurred_at="0001-01-01T00:00:00+01:00"),
         charge("flow_a", "c1", "fine-1"),
         charge("flow_a", "c1", "first-instant", occurred_at="0001-01-01T00:00:00Z"),
+        charge("flow_a", "c1", "second-instant", occurred_at="0001-01-01T00:00:00.000001Z"),
         charge("flow_a", "c1", "fine-2"),
     ]
     usage_events = [
         grant("c1", "late", 100, expires_at="9999-12-31T23:59:59-01:00"),
-        grant("c1", "last-instant", 100, expires_at="9999-12-31T23:59:59Z"),
+        grant("c1", "last-instant", 100, expires_at="9999-12-31T23:59:59.999999Z"),
+        grant("c1", "last-but-one", 100, expires_at="9999-12-31T23:59:59.999998Z"),
         usage("c1", "u1", 30),
     ]
     async with running_worker(settings, "charges", "usage") as process:
         await produce(settings, settings.topic_charges, [record(e) for e in charges])
         await produce(settings, settings.topic_usage, [record(e) for e in usage_events])
-        await wait_for(functools.partial(ingest_done, process, 7), what="7 records")
+        await wait_for(functools.partial(ingest_done, process, 9), what="9 records")
     dead = await fetch(settings, "SELECT reason, detail, record_value FROM dead_letters")
     refs = {orjson.loads(d["record_value"])["reference"]: d for d in dead}
-    assert set(refs) == {"early", "late"}
+    # The first and last instants a datetime holds are -infinity and infinity to the driver.
+    assert set(refs) == {"early", "late", "first-instant", "last-instant"}
     for letter in refs.values():
         assert letter["reason"] == "invalid_event"
-        assert "0001-01-01 and 9999-12-31" in letter["detail"]
-    recorded = await fetch(settings, "SELECT reference FROM charges ORDER BY reference")
-    assert [r["reference"] for r in recorded] == ["fine-1", "fine-2", "first-instant"]
+        assert (
+            "after 0001-01-01T00:00:00Z and before 9999-12-31T23:59:59.999999Z"
+            in (letter["detail"])
+        )
+    recorded = await fetch(
+        settings, "SELECT reference, occurred_at::text AS at FROM charges ORDER BY reference"
+    )
+    assert [(r["reference"], r["at"]) for r in recorded if r["reference"].endswith("instant")] == [
+        ("second-instant", "0001-01-01 00:00:00.000001+00"),
+    ]
+    assert [r["reference"] for r in recorded] == ["fine-1", "fine-2", "second-instant"]
+    expiry = await fetchval(
+        settings, "SELECT expires_at::text FROM grants WHERE reference = 'last-but-one'"
+    )
+    assert expiry == "9999-12-31 23:59:59.999998+00"
     assert await fetchval(settings, "SELECT balance FROM customers WHERE customer_ref='c1'") == 70
     await assert_invariants(settings)
     assert await _committed_to_end(settings, settings.topic_charges)

@@ -348,8 +348,8 @@ GOOD_TIMES = {
     "one fraction digit": "2026-11-22T10:00:00.5Z",
     "nine fraction digits": "2026-11-22T10:00:00.123456789Z",
     "leap day": "2024-02-29T10:00:00Z",
-    "year 1": "0001-01-01T00:00:00Z",
-    "year 1 minus an hour in UTC": "0001-01-01T01:00:00+01:00",
+    "year 1": "0001-01-01T00:00:00.000001Z",
+    "year 1 minus an hour in UTC": "0001-01-01T01:00:01+01:00",
     "end of day": "2026-11-21T23:59:59Z",
 }
 BAD_TIMES: dict[str, Any] = {
@@ -417,7 +417,7 @@ def _timestamp_cases() -> Iterator[Case]:
     for field in ("expires_at", "effective_at"):
         # The far future is fine but for occurred_at; effective_at alone (no expiry to precede).
         alone = GRANT if field == "expires_at" else changed(GRANT, expires_at=...)
-        for name, good in {**GOOD_TIMES, "year 9999": "9999-12-31T23:59:59.999999999Z"}.items():
+        for name, good in {**GOOD_TIMES, "year 9999": "9999-12-31T23:59:59.999998Z"}.items():
             yield Case(f"credit_grant.{field} {name}", changed(alone, **{field: good}), True)
         for name, bad in BAD_TIMES.items():
             yield Case(f"credit_grant.{field} {name}", changed(alone, **{field: bad}), False)
@@ -501,6 +501,9 @@ def _gap_cases() -> Iterator[Case]:
                    False, "future")  # fmt: skip
         yield Case(f"{kind} occurred_at year 0 in UTC",
                    changed(base, occurred_at="0001-01-01T00:00:00+01:00"), False, "out_of_range")  # fmt: skip
+        # The first instant a datetime holds, which the Postgres driver writes as -infinity.
+        yield Case(f"{kind} occurred_at the first instant",
+                   changed(base, occurred_at="0001-01-01T01:00:00+01:00"), False, "out_of_range")  # fmt: skip
         yield Case(f"{kind} metadata of 8193 bytes", changed(base, metadata={"k": "x" * 8185}),
                    False, "metadata")  # fmt: skip
         yield Case(f"{kind} metadata integer beyond 64 bits", changed(base, metadata={"n": 2**64}),
@@ -513,6 +516,8 @@ def _gap_cases() -> Iterator[Case]:
     effective = "2026-12-01T00:00:00Z"
     yield Case("expires_at year 10000 in UTC",
                changed(GRANT, expires_at="9999-12-31T23:59:59-01:00"), False, "out_of_range")  # fmt: skip
+    yield Case("expires_at the last instant (infinity to the Postgres driver)",
+               changed(GRANT, expires_at="9999-12-31T23:59:59.9999999Z"), False, "out_of_range")  # fmt: skip
     yield Case("expires_at at effective_at", changed(GRANT, effective_at=effective,
                expires_at="2026-12-01T01:00:00+01:00"), False, "expiry_order")  # fmt: skip
     yield Case("expires_at before effective_at", changed(GRANT, effective_at=effective,
