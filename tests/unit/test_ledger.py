@@ -143,6 +143,25 @@ def test_expiry_can_deplete_and_is_one_ledger_entry() -> None:
     assert expiring.status == "expired"
 
 
+def test_a_grant_expired_before_it_arrived_is_one_event_for_the_alerts() -> None:
+    """Credited and expired at once, both in the ledger; judged as one event: the balance
+    before the credit against the balance after the expiry."""
+    ledger = Ledger({"c": Customer("c", 0, 0, 0, low_threshold=50)}, NOW)
+    ledger.grant("c", grant("past", 40, expires_in=-timedelta(days=1)), "past")
+    assert [(e.kind, e.amount) for e in ledger.changes.entries] == [("grant", 40), ("expiry", -40)]
+    assert alerts(ledger) == []
+    # Above the low threshold, an expired grant leaves the balance where it was: no alert.
+    ledger.grant("c", grant("live", 100), "live")
+    ledger.grant("c", grant("past-2", 40, expires_in=-timedelta(hours=1)), "past-2")
+    assert alerts(ledger) == [("recovered", 0, 100)]
+    # In overage, it pays the overage first (a grant does) and expires with what is left.
+    ledger.usage("c", "u", 130, usage_id=1)
+    ledger.grant("c", grant("past-3", 40, expires_in=-timedelta(hours=1)), "past-3")
+    assert ledger.customers["c"].balance == 0
+    assert alerts(ledger)[1:] == [("depleted", 100, -30), ("low", 100, -30)]
+    check_invariants(ledger)
+
+
 def test_pending_grant_becomes_effective_later() -> None:
     future = grant("future", 100, effective_in=timedelta(days=2))
     ledger = Ledger({}, NOW)

@@ -162,9 +162,17 @@ class Ledger:
         customer.grants.append(grant)
         if grant.effective_at > self.now:
             return
-        self._activate(customer, grant, "credit_grant", reference)
-        if grant.expires_at is not None and grant.expires_at <= self.now:
-            self._expire(customer, grant)
+        if grant.expires_at is None or grant.expires_at > self.now:
+            self._activate(customer, grant, "credit_grant", reference)
+            return
+        # Expired before it arrived: both steps are in the ledger, but they are one event,
+        # so its alerts are those of the balance before the credit and after the expiry
+        # (alerts are computed event by event): no recovered-then-depleted pair for tokens
+        # the customer never held.
+        before = customer.balance
+        self._activate(customer, grant, "credit_grant", reference, judge=False)
+        self._expire(customer, grant, judge=False)
+        self._crossings(customer, before, "credit_grant", reference)
 
     def void(self, customer_ref: str, grant_reference: str, reference: str, void_id: int) -> bool:
         """Remove what is left of a grant (a refund). False when the customer has no such
@@ -224,7 +232,9 @@ class Ledger:
             key=Grant.consumption_key,
         )
 
-    def _activate(self, customer: Customer, grant: Grant, cause: str, reference: str) -> None:
+    def _activate(
+        self, customer: Customer, grant: Grant, cause: str, reference: str, *, judge: bool = True
+    ) -> None:
         before = customer.balance
         grant.status = "active"
         self._entry(customer, "grant", grant.tokens, grant, grant.tokens, 0, reference, None)
@@ -233,9 +243,10 @@ class Ledger:
             self._entry(
                 customer, "overage_settlement", 0, grant, -settled, -settled, reference, None
             )
-        self._crossings(customer, before, cause, reference)
+        if judge:
+            self._crossings(customer, before, cause, reference)
 
-    def _expire(self, customer: Customer, grant: Grant) -> None:
+    def _expire(self, customer: Customer, grant: Grant, *, judge: bool = True) -> None:
         if grant.status == "pending":  # expired before it ever became effective
             grant.status = "expired"
             grant.changed = True
@@ -258,7 +269,8 @@ class Ledger:
         grant.changed = True
         customer.grants.remove(grant)
         customer.finished.append(grant)
-        self._crossings(customer, before, "expiry", grant.reference)
+        if judge:
+            self._crossings(customer, before, "expiry", grant.reference)
 
     def _entry(
         self,
