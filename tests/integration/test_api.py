@@ -9,6 +9,7 @@ import functools
 from typing import Any
 
 import aiohttp
+import jsonschema
 import orjson
 from openapi_spec_validator import validate
 
@@ -84,7 +85,7 @@ async def test_bad_requests_get_their_status_and_code_and_publish_nothing(
     before = await log_end_offsets(settings, settings.topic_charges)
     key = ingest["key"]
     cases: list[tuple[str, dict[str, Any], int, str]] = [
-        ("malformed JSON", {"data": b'{"amount": 1', "key": key}, 400, "malformed_json"),
+        ("malformed JSON", {"data": b'{"amount": 1', "key": key}, 400, "invalid_json"),
         ("a float amount", {"body": {**CHARGE, "amount": 100.0}, "key": key}, 422,
          "invalid_event"),
         ("an unknown field", {"body": {**CHARGE, "ammount": 1}, "key": key}, 422,
@@ -113,6 +114,9 @@ async def test_bad_requests_get_their_status_and_code_and_publish_nothing(
             )
             assert (status, doc["error"]["code"]) == (want_status, want_code), doc
         status, doc, _ = await call(session, "GET", f"{base}/v1/nowhere", key=key)
+        assert (status, doc["error"]["code"]) == (404, "not_found")
+        # A trailing slash is another route, not a redirect to one.
+        status, doc, _ = await call(session, "GET", f"{base}/v1/flows/", key=reader["key"])
         assert (status, doc["error"]["code"]) == (404, "not_found")
         status, doc, _ = await call(session, "DELETE", url, key=key)
         assert (status, doc["error"]["code"]) == (405, "method_not_allowed")
@@ -186,6 +190,8 @@ async def test_a_batch_with_invalid_items_publishes_the_valid_ones(settings: Set
 
 
 async def test_the_openapi_document_is_valid_and_open(settings: Settings) -> None:
+    await setup_pipeline(settings, partitions=1, flows=[("flow_a", "active")])
+    key = new_key(settings, "ingest")["key"]
     async with api_server(settings) as base, aiohttp.ClientSession() as session:
         async with session.get(f"{base}/openapi.json") as response:
             assert response.status == 200
@@ -193,7 +199,16 @@ async def test_the_openapi_document_is_valid_and_open(settings: Settings) -> Non
         async with session.get(f"{base}/docs") as response:
             assert response.status == 200
             assert "swagger" in (await response.text()).lower()
+        refused = await call(session, "POST", f"{base}/v1/flows/flow_a/charges", key=key,
+                             body={**CHARGE, "amount": 0})  # fmt: skip
     validate(document)
+    # Every error answer is described as sent: the envelope, not FastAPI's {"detail": [...]}.
+    assert "HTTPValidationError" not in orjson.dumps(document).decode()
+    operation = document["paths"]["/v1/flows/{flow_id}/charges"]["post"]
+    described = operation["responses"]["422"]["content"]["application/json"]["schema"]
+    assert described == {"$ref": "#/components/schemas/Error"}
+    assert refused[0] == 422
+    jsonschema.validate(refused[1], document["components"]["schemas"]["Error"])
     charge_body = document["paths"]["/v1/flows/{flow_id}/charges"]["post"]["requestBody"]
     schema = charge_body["content"]["application/json"]["schema"]
     assert set(schema["required"]) == {"customer_ref", "reference", "amount", "currency"}
@@ -216,3 +231,27 @@ async def test_a_key_in_use_is_refused_once_its_revocation_returns(settings: Set
         assert done.returncode == 0, done.stderr
         status, doc, _ = await call(session, "GET", f"{base}/v1/flows", key=reader["key"])
         assert (status, doc["error"]["code"]) == (401, "invalid_api_key")
+
+
+async def test_an_ndjson_batch_names_its_malformed_line_by_the_dead_letter_reason(
+    settings: Settings,
+) -> None:
+    await setup_pipeline(settings, partitions=1)
+    key = new_key(settings, "ingest")["key"]
+    lines = [
+        orjson.dumps({"type": "usage", "customer_ref": "c", "reference": "u1", "tokens": 1}),
+        b'{"type": "usage", "customer_ref"',
+        b"",  # blank lines are not items
+        orjson.dumps({"type": "usage", "customer_ref": "c", "reference": "u2", "tokens": 2}),
+    ]
+    async with api_server(settings) as base, aiohttp.ClientSession() as session:
+        status, doc, _ = await call(
+            session, "POST", f"{base}/v1/events", key=key, data=b"\n".join(lines) + b"\n",
+            headers={"Content-Type": "application/x-ndjson"},
+        )  # fmt: skip
+    assert status == 202, doc
+    assert [item["status"] for item in doc["data"]] == ["accepted", "invalid", "accepted"]
+    error = doc["data"][1]["error"]
+    # The code a producer's dead letter would carry for the same bytes; no field to name.
+    assert error["code"] == "invalid_json" and "param" not in error
+    assert await log_end_offsets(settings, settings.topic_usage) == {0: 2}

@@ -136,7 +136,7 @@ async def test_flows_are_created_paused_and_resumed_with_the_admin_scope(
                 want_param,
             ), (url, body, doc)
         status, doc, _ = await call(session, "POST", flows, key=admin, data=b'{"flow_id": ')
-        assert (status, doc["error"]["code"]) == (400, "malformed_json")
+        assert (status, doc["error"]["code"]) == (400, "invalid_json")
     rows = await fetch(settings, "SELECT flow_id, name, payee_ref, status FROM flows ORDER BY 1")
     assert [tuple(r) for r in rows] == [
         ("flow_img", "Image generation", "studio", "active"),

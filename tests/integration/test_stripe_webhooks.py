@@ -202,6 +202,9 @@ async def test_bad_stale_and_replayed_webhooks_change_nothing(settings: Settings
         body, headers = signed(deleted, at=int(time.time()) - 600)  # past the 5 minutes
         status, answer = await post_event(session, base, body, headers)
         assert (status, answer["error"]["code"]) == (400, "invalid_signature")
+        body, headers = signed(deleted, at=int(time.time()) + 600)  # signed for a time to come
+        status, answer = await post_event(session, base, body, headers)
+        assert (status, answer["error"]["code"]) == (400, "invalid_signature")
         status, answer = await post_event(session, base, body, {"Content-Type": "application/json"})
         assert (status, answer["error"]["code"]) == (400, "invalid_signature")
         body, headers = signed(deleted)

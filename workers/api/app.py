@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from workers import db
 from workers.api.auth import SECURITY, SECURITY_SCHEMES
-from workers.api.envelope import ApiError, error, json_response
+from workers.api.envelope import ApiError, document_errors, error, json_response
 from workers.api.services import Services
 from workers.logs import get_logger
 from workers.metrics import Metrics
@@ -63,6 +63,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
         default_response_class=Response,
+        # An unknown route is a 404, with or without a trailing slash: no redirect to guess.
+        redirect_slashes=False,
         # Requests are counted and timed in Prometheus by Observe; FastAPI's OpenTelemetry
         # hooks would only cost a check per request.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
@@ -87,13 +89,15 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
 
 def _declare_security(app: FastAPI) -> None:
     """Both key schemes in the OpenAPI document, required by every operation it lists (the
-    check itself is the routers', ``workers.api.auth``)."""
+    check itself is the routers', ``workers.api.auth``), and the error answers described as
+    they are sent."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = FastAPI.openapi(app)
             document.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
             document["security"] = SECURITY
+            document_errors(document)
         return app.openapi_schema or {}
 
     app.openapi = openapi  # type: ignore[method-assign]

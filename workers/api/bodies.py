@@ -70,12 +70,12 @@ def _too_large(limit: int) -> ApiError:
 
 
 def json_object(raw: bytes, *, not_an_object: str = "invalid_request") -> dict[str, Any]:
-    """The body as a JSON object: 400 ``malformed_json`` when it is not JSON, 422 with the
+    """The body as a JSON object: 400 ``invalid_json`` when it is not JSON, 422 with the
     code ``not_an_object`` when it is JSON but no object."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(422, not_an_object, "the body should be a JSON object")
     return body

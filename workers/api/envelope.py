@@ -91,3 +91,53 @@ def _default(value: Any) -> Any:
     if isinstance(value, bytes | memoryview):
         return bytes(value).hex()
     raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "title": "Error",
+    "type": "object",
+    "required": ["error", "meta"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["type", "code", "message"],
+            "properties": {
+                "type": {"type": "string"},
+                "code": {
+                    "type": "string",
+                    "description": "Stable; the dead-letter reason where one applies.",
+                },
+                "message": {"type": "string"},
+                "param": {"type": "string", "description": "The field at fault, if one is."},
+            },
+        },
+        "meta": {
+            "type": "object",
+            "required": ["request_id", "timestamp"],
+            "properties": {"request_id": {"type": "string"}, "timestamp": {"type": "string"}},
+        },
+    },
+}
+"""The body of every error answer, as ``error`` writes it."""
+
+_FASTAPI_VALIDATION = "#/components/schemas/HTTPValidationError"
+
+
+def document_errors(document: dict[str, Any]) -> None:
+    """Describe the error answers in an OpenAPI ``document`` as they are sent: every 4xx and
+    5xx response gets the envelope's schema, in place of FastAPI's own validation error
+    (``{"detail": [...]}``), which this API never sends (``RequestValidationError`` is
+    answered in the envelope)."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    schemas["Error"] = ERROR_SCHEMA
+    envelope = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                if not status.startswith(("4", "5")):
+                    continue
+                schema = response.get("content", {}).get("application/json", {}).get("schema")
+                if schema is None or schema.get("$ref") == _FASTAPI_VALIDATION:
+                    response["content"] = envelope

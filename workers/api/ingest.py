@@ -159,10 +159,10 @@ def _validated(value: bytes) -> InputEvent:
     try:
         return parse_event(value)
     except EventRejected as exc:
+        if exc.reason == "invalid_json":  # no field to name: the bytes are not JSON
+            raise ApiError(400, exc.reason, exc.detail) from None
         param = exc.detail.split(":", 1)[0] if ":" in exc.detail else None
-        status = 400 if exc.reason == "invalid_json" else 422
-        code = "malformed_json" if exc.reason == "invalid_json" else exc.reason
-        raise ApiError(status, code, exc.detail, param=param) from None
+        raise ApiError(422, exc.reason, exc.detail, param=param) from None
 
 
 def _batch_items(raw: bytes, content_type: str) -> list[bytes]:
@@ -172,7 +172,7 @@ def _batch_items(raw: bytes, content_type: str) -> list[bytes]:
         try:
             parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
+            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
         if not isinstance(parsed, list):
             raise ApiError(422, "invalid_request", "the body should be a JSON array of events")
         items = [orjson.dumps(item) for item in parsed]
