@@ -471,3 +471,43 @@ async def test_reads_need_a_key_with_the_read_scope(settings: Settings) -> None:
     history = document["paths"]["/v1/customers/{customer_ref}/usage/history"]["get"]
     required = {p["name"] for p in history["parameters"] if p.get("required")}
     assert required == {"customer_ref", "start_date", "end_date"}
+
+
+async def test_flows_and_webhooks_are_lists_like_the_others(settings: Settings) -> None:
+    """Every list pages the same way: newest first, ``limit`` 1-100, an opaque cursor."""
+    await setup_pipeline(settings, partitions=1)
+    for n in (1, 2, 3):  # one transaction each: created in this order
+        await create_flows(settings, [(f"flow_{n}", f"payee_{n}")])
+    key = new_key(settings, "read", "admin")["key"]
+    async with api_server(settings) as base, aiohttp.ClientSession() as session:
+        for n in (1, 2, 3):
+            status, doc, _ = await call(
+                session, "POST", f"{base}/v1/webhooks", key=key,
+                body={"url": f"http://127.0.0.1:9/hook-{n}"},
+            )  # fmt: skip
+            assert status == 201, doc
+        for path, name in (("/v1/flows", "flow_id"), ("/v1/webhooks", "url")):
+            seen, cursor = [], None
+            while True:
+                query = "?limit=2" + ("" if cursor is None else f"&cursor={cursor}")
+                status, doc, _ = await call(session, "GET", f"{base}{path}{query}", key=key)
+                assert status == 200, doc
+                seen += [item[name] for item in doc["data"]]
+                pagination = doc["meta"]["pagination"]
+                assert pagination["has_more"] is (pagination["cursor"] is not None)
+                if not pagination["has_more"]:
+                    break
+                cursor = pagination["cursor"]
+            want = (
+                ["flow_3", "flow_2", "flow_1"]
+                if path == "/v1/flows"
+                else [f"http://127.0.0.1:9/hook-{n}" for n in (3, 2, 1)]
+            )
+            assert seen == want, path
+            for bad in ("limit=0", "limit=101", "limit=abc", "cursor=garbage"):
+                status, doc, _ = await call(session, "GET", f"{base}{path}?{bad}", key=key)
+                assert status == 422, (path, bad, doc)
+            # A cursor this list gave out is refused by another list.
+            other = "/v1/webhooks" if path == "/v1/flows" else "/v1/flows"
+            status, doc, _ = await call(session, "GET", f"{base}{other}?cursor={cursor}", key=key)
+            assert (status, doc["error"]["code"]) == (422, "invalid_cursor"), (other, doc)

@@ -596,7 +596,7 @@ async def test_the_webhook_routes(settings: Settings) -> None:
 
         status, doc, _ = await call(session, "GET", hooks, key=admin)
         assert status == 200
-        assert [e["id"] for e in doc["data"]] == [created["id"], other]
+        assert [e["id"] for e in doc["data"]] == [other, created["id"]]  # newest first
         raw = orjson.dumps(doc).decode()
         assert "secret" not in raw and secret not in raw, "the secret is shown only at creation"
 

@@ -41,10 +41,20 @@ router = scoped_router("read")
 # --- flows ------------------------------------------------------------------------------------
 
 
-@router.get("/v1/flows", summary="Flows with payee, status, last charge time and amounts")
-async def list_flows(request: Request) -> Response:
-    rows = await services_of(request).fetch(QUERIES["flow_list"], None)
-    return ok(request, [flow_document(row) for row in rows])
+def _flow_cursor(row: Row) -> str:
+    return encode_cursor("flows", micros(row["created_at"]), row["flow_id"])
+
+
+@router.get(
+    "/v1/flows", summary="Flows with payee, status, last charge time and amounts, newest first"
+)
+async def list_flows(request: Request, page: Paging) -> Response:
+    key = decode_cursor(page.cursor, "flows", int, str)
+    after, after_flow = (None, None) if key is None else (from_micros(key[0]), key[1])
+    rows = await services_of(request).fetch(
+        QUERIES["api_flow_page"], after, after_flow, page.limit + 1
+    )
+    return page_of(request, rows, page, flow_document, _flow_cursor)
 
 
 @router.get("/v1/flows/{flow_id}", summary="One flow")

@@ -83,10 +83,17 @@ async def create_webhook(request: Request) -> Response:
     return ok(request, {**endpoint_document(row), "secret": secret}, 201)
 
 
-@router.get("/v1/webhooks", summary="Live webhook endpoints with their delivery counts")
-async def list_webhooks(request: Request) -> Response:
-    rows = await services_of(request).fetch(QUERIES["webhook_endpoint_list"])
-    return ok(request, [endpoint_document(row) for row in rows])
+@router.get(
+    "/v1/webhooks", summary="Live webhook endpoints with their delivery counts, newest first"
+)
+async def list_webhooks(request: Request, page: Paging) -> Response:
+    key = decode_cursor(page.cursor, "webhooks", int)
+    rows = await services_of(request).fetch(
+        QUERIES["webhook_endpoint_page"], None if key is None else key[0], page.limit + 1
+    )
+    return page_of(
+        request, rows, page, endpoint_document, lambda row: encode_cursor("webhooks", row["id"])
+    )
 
 
 @router.delete(

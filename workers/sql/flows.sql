@@ -23,3 +23,24 @@ LEFT JOIN LATERAL (
 ) s ON true
 WHERE ($1::text IS NULL OR f.flow_id = $1)
 ORDER BY f.flow_id;
+
+-- name: api_flow_page
+-- The API's page of flows, newest first: created before the cursor's ($1, $2), $3 rows.
+SELECT f.flow_id, f.name, f.payee_ref, f.status, f.created_at,
+       s.last_charge_at, coalesce(s.charge_count, 0) AS charge_count,
+       coalesce(s.amounts, '{}'::jsonb) AS amounts
+FROM (
+    SELECT * FROM flows
+    WHERE $1::timestamptz IS NULL OR (created_at, flow_id) < ($1::timestamptz, $2::text)
+    ORDER BY created_at DESC, flow_id DESC
+    LIMIT $3
+) f
+LEFT JOIN LATERAL (
+    SELECT max(c.recorded_at) AS last_charge_at,
+           count(*) AS charge_count,
+           (SELECT jsonb_object_agg(currency, total) FROM (
+                SELECT currency, sum(amount) AS total FROM charges
+                WHERE flow_id = f.flow_id GROUP BY currency) t) AS amounts
+    FROM charges c WHERE c.flow_id = f.flow_id
+) s ON true
+ORDER BY f.created_at DESC, f.flow_id DESC;

@@ -154,6 +154,22 @@ WHERE e.removed_at IS NULL
 GROUP BY e.endpoint_id
 ORDER BY e.endpoint_id;
 
+-- name: webhook_endpoint_page
+-- The API's page of live endpoints, newest first, after the cursor's endpoint_id ($1).
+SELECT e.endpoint_id AS id, e.url, e.events, e.created_at,
+       count(d.delivery_id) FILTER (WHERE d.status = 'pending')::bigint AS pending,
+       count(d.delivery_id) FILTER (WHERE d.status = 'failed')::bigint AS failed,
+       max(d.delivered_at) AS last_delivered_at
+FROM (
+    SELECT * FROM webhook_endpoints
+    WHERE removed_at IS NULL AND ($1::bigint IS NULL OR endpoint_id < $1::bigint)
+    ORDER BY endpoint_id DESC
+    LIMIT $2
+) e
+LEFT JOIN webhook_deliveries d USING (endpoint_id)
+GROUP BY e.endpoint_id, e.url, e.events, e.created_at
+ORDER BY e.endpoint_id DESC;
+
 -- name: webhook_endpoint_remove
 -- The endpoint stops receiving: its pending deliveries end failed ("endpoint removed").
 WITH removed AS (
