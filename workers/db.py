@@ -158,14 +158,17 @@ async def connect(dsn: str) -> Connection:
     return conn
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> Pool:
-    """A pool whose connections fail fast, so an outage shows as an error, not a hang."""
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 4, command_timeout: float = 120
+) -> Pool:
+    """A pool whose connections fail fast, so an outage shows as an error, not a hang; a
+    statement that has not answered in ``command_timeout`` seconds is given up."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         timeout=10,
-        command_timeout=120,
+        command_timeout=command_timeout,
         max_inactive_connection_lifetime=60,
         server_settings=SERVER_SETTINGS,
     )

@@ -26,6 +26,9 @@ log = get_logger("chargeline.api")
 FLOW_CACHE_S = 1.0  # a pause is seen within this long
 KEY_USE_FLUSH_S = 5.0  # last_used_at is written at most this often
 PUBLISH_TIMEOUT_S = 10.0  # the broker's acknowledgement, or 503
+# A statement's answer, or 503: a Postgres that has stopped answering (frozen, a network
+# partition) must not hold a request for the workers' two minutes.
+STATEMENT_TIMEOUT_S = 10.0
 WAIT_POLL_S = 0.05  # how often the waiter asks Postgres, for all waiting requests at once
 UNAVAILABLE = {"Retry-After": "5"}
 
@@ -62,7 +65,9 @@ class Services:
         return self.pool is not None and self.producer_ready.is_set()
 
     async def start(self) -> None:
-        self.pool = await db.create_pool(self.settings.dsn, min_size=1, max_size=8)
+        self.pool = await db.create_pool(
+            self.settings.dsn, min_size=1, max_size=8, command_timeout=STATEMENT_TIMEOUT_S
+        )
         # No linger: a request waits for its acknowledgement, and concurrent requests share
         # a batch anyway while the one before is in flight.
         self.producer = kafka.make_producer(self.settings, client_id="chargeline-api", linger_ms=0)
