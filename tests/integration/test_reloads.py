@@ -309,3 +309,43 @@ async def test_no_card_data_or_secret_in_logs_or_tables(settings: Settings) -> N
         for needle in (GOOD_CARD, GOOD_CARD[-4:] + '"', "cvc", key):
             assert needle not in haystack, f"{needle!r} found in {where}"
     assert "reload_succeeded" in logs
+
+
+async def test_a_reload_no_grant_can_carry_is_refused_before_any_charge(
+    settings: Settings,
+) -> None:
+    """Tokens or a price beyond an event's bounds (10^12) once charged the card, then failed
+    to build the grant, and crashed the worker on every retry. The command line refuses
+    them in one line; a reload stored so by an earlier version fails, uncharged."""
+    cus = await stripe_customer(settings, GOOD_CARD)
+    configure(settings, "c1", cus)
+    for flag, value in (("--tokens", "1000000000001"), ("--price", "100000000000000")):
+        args = {"--tokens": "5", "--price": "100", flag: value}
+        done = cli(settings, "credits", "topup", "c1", "--tokens", args["--tokens"],
+                   "--price", args["--price"], "--currency", "EUR")  # fmt: skip
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = cli(settings, "customers", "configure", "c1", "--reload-tokens", "10000000000000")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    # The largest price for one token, in a currency without minor units: a cost basis of
+    # thirteen digits, computed without losing precision.
+    assert cost_basis(10**12, "JPY", 1) == Decimal(10**12)
+    # A reload stored out of range (as an earlier version let it be).
+    await fetchval(settings, "UPDATE customers SET reload_tokens = 10000000000000"
+                             " WHERE customer_ref = 'c1' RETURNING 1")  # fmt: skip
+    await produce(settings, settings.topic_usage,
+                  [record(grant("c1", "g1", 1_200)), record(usage("c1", "u1", 300))])  # fmt: skip
+    async with running_worker(fast(settings), "usage", "reloads") as process:
+        await wait_for(functools.partial(ingest_done, process, 2), what="2 records")
+
+        async def failed() -> bool:
+            return [r["status"] for r in await reloads(settings)][:1] == ["failed"]
+
+        await wait_for(failed, what="the reload failed")
+        # The worker goes on (a crash would end the block with its exception).
+        await produce(settings, settings.topic_usage, [record(usage("c1", "u2", 1))])
+        await wait_for(functools.partial(ingest_done, process, 3), what="the next record")
+    # Each crossing's reload (the next record crossed again) failed, none charged.
+    assert {(r["status"], r["stripe_code"], r["payment_intent_id"]) for r in await reloads(settings)
+            if r["status"] != "requested"} == {("failed", "invalid_reload", None)}  # fmt: skip
+    assert await intents_of(settings, cus) == []  # never charged
+    assert await fetchval(settings, "SELECT balance FROM customers WHERE customer_ref='c1'") == 899

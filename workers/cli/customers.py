@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import uuid
 
+from schemas.common import MAX_QUANTITY
 from schemas.currency import ACTIVE_CURRENCIES
 from workers import db
-from workers.cli.args import Parser, add_actions, add_format, identifier, positive_int
+from workers.cli.args import Parser, add_actions, add_format, identifier
 from workers.cli.output import emit_object
 from workers.errors import ChargelineError, UsageError
 from workers.jobs.reloads import ReloadProcessor
@@ -22,14 +23,27 @@ def currency(text: str) -> str:
     return code
 
 
-def non_negative_int(text: str) -> int:
+def _whole(text: str, least: int) -> int:
+    """A whole number from ``least`` to MAX_QUANTITY (the bound of tokens and amounts in
+    events): a reload's tokens and price must fit the grant it becomes, checked before any
+    card is charged."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    if not least <= value <= MAX_QUANTITY:
+        raise argparse.ArgumentTypeError(
+            f"expected a number from {least} to {MAX_QUANTITY:_}, got {value}".replace("_", ",")
+        )
     return value
+
+
+def non_negative_int(text: str) -> int:
+    return _whole(text, 0)
+
+
+def quantity(text: str) -> int:
+    return _whole(text, 1)
 
 
 def on_off(text: str) -> bool:
@@ -45,8 +59,8 @@ def add_customers(nouns: argparse._SubParsersAction[Parser]) -> None:
     configure.add_argument("--stripe-customer", metavar="ID", help="Stripe customer id (cus_...)")
     configure.add_argument("--auto-reload", type=on_off, metavar="on|off")
     configure.add_argument("--reload-threshold", type=non_negative_int, metavar="TOKENS")
-    configure.add_argument("--reload-tokens", type=positive_int, metavar="TOKENS")
-    configure.add_argument("--reload-price", type=positive_int, metavar="MINOR_UNITS")
+    configure.add_argument("--reload-tokens", type=quantity, metavar="TOKENS")
+    configure.add_argument("--reload-price", type=quantity, metavar="MINOR_UNITS")
     configure.add_argument("--currency", type=currency, metavar="CODE")
     configure.add_argument("--low-balance-threshold", type=non_negative_int, metavar="TOKENS")
     add_format(configure, csv=False)
@@ -63,8 +77,8 @@ def add_credits(nouns: argparse._SubParsersAction[Parser]) -> None:
     credits = add_actions(nouns, "credits")
     topup = credits.add_parser("topup", help="charge the customer through Stripe, grant tokens")
     topup.add_argument("customer", type=identifier, metavar="CUSTOMER")
-    topup.add_argument("--tokens", type=positive_int, required=True)
-    topup.add_argument("--price", type=positive_int, required=True, metavar="MINOR_UNITS")
+    topup.add_argument("--tokens", type=quantity, required=True)
+    topup.add_argument("--price", type=quantity, required=True, metavar="MINOR_UNITS")
     topup.add_argument("--currency", type=currency, required=True, metavar="CODE")
     add_format(topup, csv=False)
     topup.set_defaults(run=credits_topup)

@@ -24,10 +24,11 @@ import asyncio
 import hashlib
 import uuid
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Context, Decimal, localcontext
 from typing import Any
 
 import stripe
+from pydantic import ValidationError
 
 from schemas.currency import minor_unit_exponent
 from schemas.events import CreditGrantEvent, canonical_json
@@ -50,9 +51,29 @@ MAX_CONSECUTIVE_FAILURES = 3
 
 def cost_basis(price_minor: int, currency: str, tokens: int) -> Decimal:
     """Price of one token in the currency's major unit: 1000 JPY for 100 tokens is 10;
-    10.000 KWD (10000 minor units) for 1000 tokens is 0.01."""
-    major = Decimal(price_minor).scaleb(-minor_unit_exponent(currency))
-    return (major / Decimal(tokens)).quantize(Decimal(1).scaleb(-18)).normalize()
+    10.000 KWD (10000 minor units) for 1000 tokens is 0.01. Rounded to 18 decimals, with
+    the precision that needs (up to 13 digits before the point)."""
+    with localcontext(Context(prec=60)):
+        major = Decimal(price_minor).scaleb(-minor_unit_exponent(currency))
+        return (major / Decimal(tokens)).quantize(Decimal(1).scaleb(-18)).normalize()
+
+
+def grant_event(request: Row, intent_id: str) -> CreditGrantEvent:
+    """The grant a reload adds once paid; raises ValidationError for a reload no grant can
+    carry (its tokens or price out of range), which ``process`` checks before any charge."""
+    source = "auto_reload" if request["kind"] == "auto" else "manual"
+    return CreditGrantEvent.model_validate(
+        {
+            "type": "credit_grant",
+            "customer_ref": request["customer_ref"],
+            "reference": intent_id,
+            "tokens": request["tokens"],
+            "cost_basis": cost_basis(request["price"], request["currency"], request["tokens"]),
+            "currency": request["currency"],
+            "source": source,
+            "description": f"{source} {request['reload_id']}",
+        }
+    )
 
 
 class NoPaymentMethod(Exception):
@@ -92,6 +113,11 @@ class ReloadProcessor:
         bound = log.bind(reload_id=reload_id, customer_ref=request["customer_ref"])
         if not request["stripe_customer_id"]:
             return await self.fail(request, None, "no_stripe_customer", "customer has no Stripe id")
+        try:  # never charge for what cannot be granted (written before the bounds held)
+            grant_event(request, "pi_check")
+        except (ValidationError, ArithmeticError) as exc:
+            bound.error("reload_invalid", tokens=request["tokens"], price=request["price"])
+            return await self.fail(request, None, "invalid_reload", str(exc).splitlines()[0])
         # Once a create has been sent, its answer may be lost (a timeout) while Stripe did
         # charge: from then on every try looks for the intent before creating one.
         sent = [request["attempts"] > 1 or bool(request["payment_intent_id"])]
@@ -174,20 +200,8 @@ class ReloadProcessor:
 
     async def succeed(self, request: Row, intent_id: str) -> None:
         customer_ref = request["customer_ref"]
-        source = "auto_reload" if request["kind"] == "auto" else "manual"
-        basis = cost_basis(request["price"], request["currency"], request["tokens"])
-        event = CreditGrantEvent.model_validate(
-            {
-                "type": "credit_grant",
-                "customer_ref": customer_ref,
-                "reference": intent_id,
-                "tokens": request["tokens"],
-                "cost_basis": basis,
-                "currency": request["currency"],
-                "source": source,
-                "description": f"{source} {request['reload_id']}",
-            }
-        )
+        event = grant_event(request, intent_id)
+        source, basis = event.source, event.cost_basis
         payload = canonical_json(event)
         async with self.pool.acquire() as conn, conn.transaction():
             ledger = await load_ledger(conn, [customer_ref])
