@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers import db
+from workers.errors import ConfigurationError
 from workers.http import start_http
 from workers.ingest.charges import ChargesHandler
 from workers.ingest.consumer import ConsumerLoop, tune_gc_for_batches
@@ -119,12 +120,18 @@ class WorkerProcess:
                     self.loops.append(worker(settings, pool, self.metrics))
             runner = None
             if settings.metrics_port:
-                runner = await start_http(
-                    self.metrics,
-                    host=settings.metrics_host,
-                    port=settings.metrics_port,
-                    is_ready=self.is_ready,
-                )
+                try:
+                    runner = await start_http(
+                        self.metrics,
+                        host=settings.metrics_host,
+                        port=settings.metrics_port,
+                        is_ready=self.is_ready,
+                    )
+                except OSError as exc:  # not Postgres's: say whose address it is
+                    raise ConfigurationError(
+                        f"cannot serve /metrics on {settings.metrics_host}:"
+                        f"{settings.metrics_port} (CHARGELINE_METRICS_PORT): {exc.strerror or exc}"
+                    ) from None
                 log.info("metrics_listening", port=settings.metrics_port)
             if install_signal_handlers:
                 running = asyncio.get_running_loop()

@@ -8,7 +8,9 @@ exposed here.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +19,9 @@ LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+MAX_PORT = 65_535
+TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 
 
 class Settings(BaseSettings):
@@ -78,13 +83,13 @@ class Settings(BaseSettings):
         "(POST /v1/stripe/webhooks); without it the endpoint answers 503.",
     )
 
-    metrics_port: int = Field(default=9464, ge=0, le=65535, description="0 disables /metrics.")
+    metrics_port: int = Field(default=9464, ge=0, le=MAX_PORT, description="0 disables /metrics.")
     metrics_host: str = "0.0.0.0"  # noqa: S104 -- a worker's metrics must be scrapable from outside its pod.
     api_host: str = Field(
         default="0.0.0.0",  # noqa: S104 -- the API serves other hosts: that is its job.
         description="Address `chargeline api` listens on.",
     )
-    api_port: int = Field(default=8080, ge=0, le=65535, description="Port of the HTTP API.")
+    api_port: int = Field(default=8080, ge=0, le=MAX_PORT, description="Port of the HTTP API.")
     api_max_batch_bytes: int = Field(
         default=8 << 20,
         ge=65_536,
@@ -220,8 +225,42 @@ class Settings(BaseSettings):
     def _servers_are_host_port(cls, value: str) -> str:
         for server in value.split(","):
             host, sep, port = server.strip().rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"expected host:port[,host:port], got {value!r}")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= MAX_PORT:
+                raise ValueError(
+                    f"expected host:port[,host:port] with ports 1-65535, got {value!r}"
+                )
+        return value
+
+    @field_validator("topic_charges", "topic_usage", "topic_alerts", "topic_payouts", "topic_dlq")
+    @classmethod
+    def _topic_is_legal(cls, value: str) -> str:
+        # Kafka's own rule: a broker refuses any other name, and `topics ensure` would only
+        # say so topic by topic, after the others were created.
+        if not TOPIC_NAME.fullmatch(value) or value in {".", ".."}:
+            raise ValueError(
+                f"a topic name is 1-249 of the characters a-z A-Z 0-9 . _ -, got {value!r}"
+            )
+        return value
+
+    @field_validator("consumer_group", "metrics_host", "api_host")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip() or value != value.strip():
+            raise ValueError(f"expected a name without surrounding spaces, got {value!r}")
+        return value
+
+    @field_validator("stripe_api_base")
+    @classmethod
+    def _api_base_is_http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = urlsplit(value)
+        try:
+            port = url.port  # raises for a port out of range or not a number
+        except ValueError:
+            port = -1
+        if url.scheme not in {"http", "https"} or not url.hostname or port == -1:
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
         return value
 
     @field_validator("database_url")
@@ -245,6 +284,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SASL security protocol needs KAFKA_SASL_MECHANISM, _USERNAME and _PASSWORD"
             )
+        topics = [self.topic_charges, self.topic_usage, self.topic_alerts]
+        topics += [self.topic_payouts, self.topic_dlq]
+        if len(set(topics)) < len(topics):
+            raise ValueError(f"the five topics must have different names, got {topics}")
         if self.retry_max_ms < self.retry_initial_ms:
             raise ValueError("retry_max_ms must be >= retry_initial_ms")
         return self

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from workers.errors import UsageError
 from workers.kinds import INGEST_KINDS
 from workers.logs import get_logger
-from workers.settings import Settings
+from workers.settings import MAX_PORT, Settings
 
 log = get_logger("chargeline.supervisor")
 
@@ -37,8 +37,22 @@ def layout(kinds: Sequence[str], processes: int) -> list[tuple[str, ...]]:
     return [tuple(kinds), *[ingest] * (processes - 1)]
 
 
+def metrics_ports(settings: Settings, processes: int) -> list[int]:
+    """Process n serves /metrics on CHARGELINE_METRICS_PORT + n (0: none serves it)."""
+    if not settings.metrics_port:
+        return [0] * processes
+    last = settings.metrics_port + processes - 1
+    if last > MAX_PORT:
+        raise UsageError(
+            f"--processes {processes} needs metrics ports {settings.metrics_port}-{last}; "
+            f"set CHARGELINE_METRICS_PORT to {MAX_PORT - processes + 1} or lower"
+        )
+    return [settings.metrics_port + number for number in range(processes)]
+
+
 async def supervise(settings: Settings, kinds: Sequence[str], processes: int) -> int:
     plan = layout(kinds, processes)
+    ports = metrics_ports(settings, processes)
     failed: list[tuple[int, int | None]] = []
     children: list[asyncio.subprocess.Process] = []
     stopping = asyncio.Event()
@@ -46,8 +60,7 @@ async def supervise(settings: Settings, kinds: Sequence[str], processes: int) ->
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     try:
-        for number, child_kinds in enumerate(plan):
-            port = settings.metrics_port + number if settings.metrics_port else 0
+        for number, (child_kinds, port) in enumerate(zip(plan, ports, strict=True)):
             env = {**os.environ, **settings.model_copy(update={"metrics_port": port}).as_env()}
             child = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "workers.cli.main", "worker", *child_kinds, env=env

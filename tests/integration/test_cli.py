@@ -6,6 +6,7 @@ import csv
 import functools
 import io
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,14 @@ async def test_bad_arguments_get_one_line(settings: Settings) -> None:
         check=False,
     )
     assert_one_line_error(bad_env, code=2, mentions="CHARGELINE_KAFKA_BOOTSTRAP_SERVERS")
+
+
+async def test_a_busy_metrics_port_is_named_as_such(settings: Settings) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        busy = settings.model_copy(update={"metrics_host": "127.0.0.1", "metrics_port": port})
+        done = cli(busy, "worker", "expiry")
+    assert_one_line_error(done, code=1, mentions=f"cannot serve /metrics on 127.0.0.1:{port}")
 
 
 async def test_charges_list_filters_and_formats(settings: Settings) -> None:

@@ -7,7 +7,12 @@ import orjson
 
 from workers.app import build_handlers
 from workers.ingest.parse import BareRecord
-from workers.ingest.processor import MERGED_LANE, SMALL_PART_RECORDS, BatchProcessor
+from workers.ingest.processor import (
+    MERGED_LANE,
+    SMALL_PART_RECORDS,
+    BatchProcessor,
+    offset_ranges,
+)
 from workers.metrics import Metrics
 from workers.settings import Settings
 
@@ -67,3 +72,8 @@ def test_one_lane_is_never_merged() -> None:
     one = BatchProcessor(Settings(batch_lanes=1), build_handlers(SETTINGS, ["usage"]), Metrics())
     [part] = one.prepare(records(USAGE, 10))
     assert part.lane == (USAGE, 0)
+
+
+def test_offset_ranges_name_each_partition_a_part_read() -> None:
+    read = [BareRecord("billing.usage", p, o, None, b"{}", 0) for p, o in [(3, 9), (1, 4), (3, 7)]]
+    assert offset_ranges(read) == {"billing.usage/1": "4-4", "billing.usage/3": "7-9"}

@@ -71,6 +71,16 @@ def lane_name(lane: tuple[str, int], lanes: int) -> str:
     return f"{topic}[partition % {lanes} = {number}]"
 
 
+def offset_ranges(records: Sequence[Record]) -> dict[str, str]:
+    """``{"billing.usage/3": "1200-1399"}``: the offsets of a part, per partition."""
+    ranges: dict[str, list[int]] = {}
+    for record in records:
+        span = ranges.setdefault(f"{record.topic}/{record.partition}", [record.offset] * 2)
+        span[0] = min(span[0], record.offset)
+        span[1] = max(span[1], record.offset)
+    return {name: f"{low}-{high}" for name, (low, high) in sorted(ranges.items())}
+
+
 class Handler(Protocol):
     """Applies the valid events of one topic inside the batch's transaction."""
 
@@ -282,6 +292,7 @@ class BatchProcessor:
                 log.info(
                     f"known_record_probe_{change}",
                     lane=lane_name(lane, self.settings.batch_lanes),
+                    offsets=offset_ranges(part.records()),
                     records=records,
                     duplicates=duplicates,
                     known=known,
