@@ -5,6 +5,7 @@ business, not the tests' (these machines are shared and noisy)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import os
 import subprocess
@@ -112,7 +113,8 @@ async def test_send_at_rate_sends_what_is_due_by_the_end_whatever_the_tick(
     settings: Settings,
 ) -> None:
     """A coarse tick (the soak's) still sends every record due by ``seconds``: the last
-    tick falls at the end, not a tick's worth of load short of it."""
+    tick falls at the end, not a tick's worth of load short of it. Each record is stamped
+    with the moment it fell due, one every 10 ms at 100 records/s, not with its tick's."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from workers.devtools.bench.load import Planned, send_at_rate
@@ -133,11 +135,12 @@ async def test_send_at_rate_sends_what_is_due_by_the_end_whatever_the_tick(
         bootstrap_servers=settings.kafka_bootstrap_servers, auto_offset_reset="earliest"
     )
     await consumer.start()
-    read = 0
+    stamps: list[int] = []
     try:
         consumer.assign([TopicPartition(settings.topic_usage, 0)])
         while batch := await consumer.getmany(timeout_ms=1_000):
-            read += sum(len(records) for records in batch.values())
+            stamps += [record.timestamp for records in batch.values() for record in records]
     finally:
         await consumer.stop()
-    assert read == 120
+    assert len(stamps) == 120
+    assert {later - earlier for earlier, later in itertools.pairwise(stamps)} <= {9, 10, 11}

@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from workers import db
 from workers.api import keys
-from workers.devtools.bench.load import PARTITIONS, SEND_TICK_S, charge_events
+from workers.devtools.bench.load import PARTITIONS, charge_events
 from workers.devtools.bench.worker import WorkerRun, free_port
 from workers.kafka import ensure_topics, make_producer, security_options
 from workers.settings import Settings
@@ -49,6 +49,10 @@ REQUEST_TIMEOUT_S = 30.0
 # Below uvicorn's keep-alive (5 s), so that the client never reuses a connection the
 # server is closing.
 KEEPALIVE_S = 2.0
+
+# How often the fixed-rate requests are started: each is timed from its own scheduled
+# moment, so a coarse tick would count the generator's lateness against the API.
+REQUEST_TICK_S = 0.002
 
 
 class ApiRun:
@@ -244,7 +248,7 @@ async def at_rate(
         for n in range(len(tasks), due):
             path, body = requests[n]
             tasks.append(asyncio.create_task(one(path, body, started + n / rate)))
-        await asyncio.sleep(SEND_TICK_S)
+        await asyncio.sleep(REQUEST_TICK_S)
     await asyncio.gather(*tasks)
     gc.unfreeze()
     return latencies, failed

@@ -26,7 +26,11 @@ CUSTOMERS = 10_000
 FLOWS = 20
 PARTITIONS = 6
 DEPLETING_EVERY = 25  # one record in 25 of the fixed-rate load belongs to a depletion
-SEND_TICK_S = 0.002  # how often the fixed-rate load sends what is due: one batch a partition
+# How often the fixed-rate load sends what is due, one batch a partition: a producer's
+# linger. Each record is stamped with the moment it fell due, so the wait counts against
+# the latency measured. A finer tick costs the embedded broker more than the records do:
+# every produce request wakes each consumer's waiting fetch (README, "The curve").
+SEND_TICK_S = 0.02
 
 
 @dataclass
@@ -206,22 +210,24 @@ async def send_at_rate(
     seconds: float,
     *,
     tick_s: float = SEND_TICK_S,
+    stamp_due: bool = True,
 ) -> tuple[int, float, dict[str, int], list[asyncio.Future[Any]]]:
     """Send ``planned`` at ``rate`` records/s for ``seconds``.
 
-    Every tick (``tick_s``), the records due are appended to one batch per partition,
-    stamped with the time they are sent (their CreateTime, from which the worker measures
-    latency), and each batch is sent as it is: no linger. aiokafka's ``send`` runs Python for
-    every record, on the cores the worker and the servers need; its batch builder does that
-    work in C. The last tick falls at ``seconds``, so that what is due by then is sent
-    whatever the tick.
-    Returns the records sent, the seconds it took, the send time (ms) of each depleting
+    Every tick (``tick_s``), the records due are appended to one batch per partition and
+    each batch is sent as it is. aiokafka's ``send`` runs Python for every record, on the
+    cores the worker and the servers need; its batch builder does that work in C. The last
+    tick falls at ``seconds``, so that what is due by then is sent whatever the tick.
+    A record's CreateTime, from which the worker measures latency, is the time it fell due
+    with ``stamp_due``: the tick's wait counts as latency, as a producer's linger does for
+    an event created meanwhile; else the time it is sent.
+    Returns the records sent, the seconds it took, the timestamp (ms) of each depleting
     record by reference, and the acks to wait for.
     """
     acks: list[asyncio.Future[Any]] = []
     sent: dict[str, int] = {}
     count = 0
-    started = time.monotonic()
+    started, started_ms = time.monotonic(), time.time() * 1000
     while True:
         elapsed = min(time.monotonic() - started, seconds)
         due = min(len(planned), int(elapsed * rate))
@@ -229,6 +235,8 @@ async def send_at_rate(
         batches: dict[tuple[str, int], Any] = {}  # aiokafka's BatchBuilder, untyped
         while count < due:
             topic, key, value, partition, depleting = planned[count]
+            if stamp_due:
+                now_ms = int(started_ms + count * 1000 / rate)
             batch = batches.get((topic, partition))
             if batch is None or batch.append(key=key, value=value, timestamp=now_ms) is None:
                 if batch is not None:  # full: send it, go on in a new one
