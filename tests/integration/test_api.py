@@ -94,6 +94,11 @@ async def test_bad_requests_get_their_status_and_code_and_publish_nothing(
          "invalid_event"),
         ("a 2 MiB body", {"data": b'{"a": "' + b"x" * (2 << 20) + b'"}', "key": key}, 413,
          "payload_too_large"),
+        # Read exactly, not as the float 1.8446744073709552e+19: the model refuses it.
+        ("metadata beyond 64 bits", {"data": orjson.dumps({**CHARGE, "metadata": 0})
+         .replace(b"0}", b'{"n":18446744073709551616}}'), "key": key}, 422, "invalid_event"),
+        ("Infinity", {"data": b'{"amount":1e400,"reference":"12345678901234567890"}',
+         "key": key}, 400, "invalid_json"),
         ("no key", {"body": CHARGE}, 401, "missing_api_key"),
         ("a wrong key", {"body": CHARGE, "key": "cl_live_" + "a" * 40}, 401,
          "invalid_api_key"),

@@ -12,13 +12,12 @@ import copy
 import re
 from typing import Any
 
-import orjson
 from fastapi import Path, Request
 from fastapi.responses import Response
 
 from schemas.events import ChargeEvent, EventRejected, InputEvent, fingerprint, parse_event
 from workers.api.auth import scoped_router
-from workers.api.bodies import json_object, read_body
+from workers.api.bodies import dump_json, json_object, parse_json, read_body
 from workers.api.envelope import ApiError, ok
 from workers.api.services import Services
 
@@ -66,7 +65,7 @@ async def record_charge(
             raise ApiError(
                 422, "invalid_event", f"{field}: Extra inputs are not permitted", param=field
             )
-    value = orjson.dumps({"type": "charge", "flow_id": flow_id, **body})
+    value = dump_json({"type": "charge", "flow_id": flow_id, **body})
     event = _validated(value)
     assert isinstance(event, ChargeEvent)
     await _check_flow(services, flow_id)
@@ -169,13 +168,10 @@ def _batch_items(raw: bytes, content_type: str) -> list[bytes]:
     if "ndjson" in content_type:
         items = [line for line in raw.split(b"\n") if line.strip()]
     else:
-        try:
-            parsed = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+        parsed = parse_json(raw)
         if not isinstance(parsed, list):
             raise ApiError(422, "invalid_request", "the body should be a JSON array of events")
-        items = [orjson.dumps(item) for item in parsed]
+        items = [dump_json(item) for item in parsed]
     if not items:
         raise ApiError(422, "invalid_request", "the batch holds no event")
     if len(items) > MAX_BATCH_EVENTS:
