@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Callable
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import orjson
@@ -17,6 +17,7 @@ from pydantic import BeforeValidator
 from workers.api.envelope import ApiError, ok
 from workers.api.services import Services
 from workers.db import Row
+from workers.moments import range_bound
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -30,18 +31,8 @@ def _moment(value: object) -> object:
     """RFC 3339 with a time zone, or a date (midnight UTC), for a time query parameter."""
     if not isinstance(value, str):
         return value
-    text = value.strip()
     # A '+' left unencoded in a query string arrives as a space: 10:00:00 01:00.
-    text = re.sub(r" (\d\d:\d\d)$", r"+\1", text)
-    try:
-        if len(text) == 10:
-            return datetime.combine(date.fromisoformat(text), time(), tzinfo=UTC)
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError("expected RFC 3339 (2026-11-22T10:00:00Z) or a date") from None
-    if moment.tzinfo is None:
-        raise ValueError("needs a time zone, e.g. Z or +01:00")
-    return moment
+    return range_bound(re.sub(r" (\d\d:\d\d)$", r"+\1", value.strip()))
 
 
 Moment = Annotated[datetime, BeforeValidator(_moment)]

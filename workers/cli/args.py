@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from schemas.printable import is_printable
 from workers.errors import UsageError
+from workers.moments import range_bound
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,16 +23,9 @@ def timestamp(text: str) -> datetime:
     if text == "now":
         return datetime.now(UTC)
     try:
-        if len(text) == 10:
-            return datetime.combine(date.fromisoformat(text), datetime.min.time(), tzinfo=UTC)
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid time {text!r}: expected RFC 3339 (2026-11-22T10:00:00Z) or a date"
-        ) from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"time {text!r} needs a time zone, e.g. Z or +01:00")
-    return value
+        return range_bound(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: {exc}") from None
 
 
 def positive_int(text: str) -> int:
