@@ -214,6 +214,13 @@ async def test_the_openapi_document_is_valid_and_open(settings: Settings) -> Non
     assert described == {"$ref": "#/components/schemas/Error"}
     assert refused[0] == 422
     jsonschema.validate(refused[1], document["components"]["schemas"]["Error"])
+    # The answers any operation of its kind gives, which FastAPI cannot know of.
+    assert {"400", "401", "403", "404", "413", "422", "503"} <= set(operation["responses"])
+    hook = document["paths"]["/v1/stripe/webhooks"]["post"]["responses"]
+    assert not {"401", "403"} & set(hook)  # no key there: Stripe signs it
+    envelope = operation["responses"]["202"]["content"]["application/json"]["schema"]
+    assert envelope == {"$ref": "#/components/schemas/Envelope"}
+    assert "Prefer" in {parameter["name"] for parameter in operation["parameters"]}
     charge_body = document["paths"]["/v1/flows/{flow_id}/charges"]["post"]["requestBody"]
     schema = charge_body["content"]["application/json"]["schema"]
     assert set(schema["required"]) == {"customer_ref", "reference", "amount", "currency"}

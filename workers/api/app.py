@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from workers import db
 from workers.api.auth import SECURITY, SECURITY_SCHEMES
-from workers.api.envelope import ApiError, document_errors, error, json_response
+from workers.api.envelope import ApiError, document_answers, error, json_response
 from workers.api.services import Services
 from workers.logs import get_logger
 from workers.metrics import Metrics
@@ -97,7 +97,7 @@ def _declare_security(app: FastAPI) -> None:
             document = FastAPI.openapi(app)
             document.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
             document["security"] = SECURITY
-            document_errors(document)
+            document_answers(document)
         return app.openapi_schema or {}
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -123,21 +123,92 @@ ERROR_SCHEMA: dict[str, Any] = {
 _FASTAPI_VALIDATION = "#/components/schemas/HTTPValidationError"
 
 
-def document_errors(document: dict[str, Any]) -> None:
-    """Describe the error answers in an OpenAPI ``document`` as they are sent: every 4xx and
-    5xx response gets the envelope's schema, in place of FastAPI's own validation error
-    (``{"detail": [...]}``), which this API never sends (``RequestValidationError`` is
-    answered in the envelope)."""
+ENVELOPE_SCHEMA: dict[str, Any] = {
+    "title": "Envelope",
+    "type": "object",
+    "required": ["data", "meta"],
+    "properties": {
+        "data": {"description": "The answer: an object, or a list of them for a list."},
+        "meta": {
+            "type": "object",
+            "required": ["request_id", "timestamp"],
+            "properties": {
+                "request_id": {"type": "string"},
+                "timestamp": {"type": "string"},
+                "pagination": {
+                    "type": "object",
+                    "description": "Lists: the cursor of the next page, if there is one.",
+                    "properties": {
+                        "cursor": {"type": ["string", "null"]},
+                        "has_more": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+    },
+}
+"""The body of every success answer, as ``ok`` writes it."""
+
+# The answers any operation of a kind can give, whatever it does.
+_KEYED = {
+    "401": "No key, or an unknown or revoked one (missing_api_key, invalid_api_key).",
+    "403": "The key lacks the operation's scope (insufficient_scope).",
+}
+_WITH_BODY = {
+    "400": "The body is not JSON (invalid_json).",
+    "413": "The body is over its limit (payload_too_large).",
+    "422": "The body fails its model; param names the field.",
+}
+_WITH_PARAMETERS = {"422": "A parameter fails its type or range; param names it."}
+_WITH_PATH_ID = {
+    "404": "No such object (not_found, or the code the operation names), or a path that names "
+    "none (an empty id). A customer is never unknown: one with no event yet reads as empty."
+}
+_ANY = {
+    "503": "A dependency (Kafka, Postgres, Stripe) is unavailable: retry after Retry-After "
+    "seconds (service_unavailable).",
+}
+
+
+def document_answers(document: dict[str, Any]) -> None:
+    """Describe the answers in an OpenAPI ``document`` as they are sent: a success in the
+    envelope; every error in the error envelope, in place of FastAPI's own validation error
+    (``{"detail": [...]}``, which this API never sends: ``RequestValidationError`` is
+    answered in the envelope); and the errors every operation of its kind can give (a keyed
+    one 401 and 403, one with a body 400, 413 and 422, one with an id in its path 404, any
+    503), which FastAPI cannot know of."""
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     schemas["Error"] = ERROR_SCHEMA
-    envelope = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    schemas["Envelope"] = ENVELOPE_SCHEMA
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    success = {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+    keyed_by_default = bool(document.get("security"))
     for operations in document.get("paths", {}).values():
         for operation in operations.values():
-            for status, response in operation.get("responses", {}).items():
-                if not status.startswith(("4", "5")):
-                    continue
+            responses = operation.setdefault("responses", {})
+            parameters = operation.get("parameters", [])
+            common = dict(_ANY)
+            if operation.get("security", None if keyed_by_default else []) != []:
+                common |= _KEYED
+            if parameters:
+                common |= _WITH_PARAMETERS
+            if "requestBody" in operation:
+                common |= _WITH_BODY
+            if any(parameter["in"] == "path" for parameter in parameters):
+                common |= _WITH_PATH_ID
+            for status, description in common.items():
+                responses.setdefault(status, {"description": description})
+            for status, response in responses.items():
                 schema = response.get("content", {}).get("application/json", {}).get("schema")
-                if schema is None or schema.get("$ref") == _FASTAPI_VALIDATION:
-                    response["content"] = envelope
+                if status.startswith(("4", "5")):
+                    if schema is None or schema.get("$ref") == _FASTAPI_VALIDATION:
+                        response["content"] = error
+                    if status == "503":
+                        response.setdefault("headers", {})["Retry-After"] = {
+                            "description": "Seconds to wait before trying again.",
+                            "schema": {"type": "integer"},
+                        }
+                elif status.startswith("2") and "content" not in response:
+                    response["content"] = success

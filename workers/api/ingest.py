@@ -45,7 +45,19 @@ def _body(schema: dict[str, Any], *media: str) -> dict[str, Any]:
     "/v1/flows/{flow_id}/charges",
     status_code=202,
     summary="Record a charge",
-    openapi_extra=_body(_charge_body_schema(), "application/json"),
+    openapi_extra={
+        **_body(_charge_body_schema(), "application/json"),
+        "parameters": [
+            {
+                "name": "Prefer",
+                "in": "header",
+                "required": False,
+                "description": f"wait=N: wait up to N <= {MAX_WAIT_S} s for the worker's "
+                "verdict (201, 200 or 409) before a 202.",
+                "schema": {"type": "string", "examples": ["wait=5"]},
+            }
+        ],
+    },
     responses={
         201: {"description": "Recorded (with Prefer: wait)"},
         200: {"description": "A duplicate: the charge first recorded (with Prefer: wait)"},
