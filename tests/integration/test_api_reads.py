@@ -511,3 +511,37 @@ async def test_flows_and_webhooks_are_lists_like_the_others(settings: Settings) 
             other = "/v1/webhooks" if path == "/v1/flows" else "/v1/flows"
             status, doc, _ = await call(session, "GET", f"{base}{other}?cursor={cursor}", key=key)
             assert (status, doc["error"]["code"]) == (422, "invalid_cursor"), (other, doc)
+
+
+async def test_an_id_with_a_slash_is_reached_with_an_encoded_slash(settings: Settings) -> None:
+    """ "/" is printable: a flow or customer may hold one, and %2F in a path is part of the
+    id, not a separator."""
+    await setup_pipeline(settings, partitions=1)
+    await create_flows(settings, [("team/a", "payee/b")])
+    key = new_key(settings, "read", "admin", "ingest")["key"]
+    charge = {"amount": 5, "currency": "EUR", "customer_ref": "org/7", "reference": "r/1"}
+    async with (
+        api_server(settings) as base,
+        aiohttp.ClientSession() as session,
+        running_worker(settings, "charges") as process,
+    ):
+        status, doc, _ = await call(session, "GET", f"{base}/v1/flows/team%2Fa", key=key)
+        assert status == 200, doc
+        assert (status, doc["data"]["flow_id"], doc["data"]["payee_ref"]) == (
+            200, "team/a", "payee/b",
+        )  # fmt: skip
+        status, doc, _ = await call(
+            session, "POST", f"{base}/v1/flows/team%2fa/charges", key=key, body=charge,
+            headers={"Prefer": "wait=10"},
+        )  # fmt: skip
+        assert (status, doc["data"]["flow_id"], doc["data"]["customer_ref"]) == (
+            201, "team/a", "org/7",
+        )  # fmt: skip
+        await wait_for(functools.partial(ingest_done, process, 1), what="the charge")
+        status, doc, _ = await call(session, "GET", f"{base}/v1/customers/org%2F7/credits", key=key)
+        assert (status, doc["data"]["balance"]) == (200, 0)
+        status, doc, _ = await call(session, "POST", f"{base}/v1/flows/team%2Fa/pause", key=key)
+        assert (status, doc["data"]["status"]) == (200, "paused")
+        # Still one segment each: the path with a real slash is no route.
+        status, doc, _ = await call(session, "GET", f"{base}/v1/flows/team/a", key=key)
+        assert (status, doc["error"]["code"]) == (404, "not_found")

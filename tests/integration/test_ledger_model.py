@@ -202,9 +202,11 @@ class LedgerModel:
             if new.effective_at <= now:
                 if new.expires_at is not None and new.expires_at <= now:
                     # Expired before it arrived: credited and expired at once, one event, so
-                    # one judgement of the balance before and after.
+                    # one judgement of the balance before and after; no overage paid.
                     before = customer.balance
-                    self._start(customer, new, "credit_grant", new.reference, judge=False)
+                    self._start(
+                        customer, new, "credit_grant", new.reference, judge=False, settle=False
+                    )
                     self._expire(customer, new, judge=False)
                     self._crossing(customer, before, "credit_grant", new.reference)
                 else:
@@ -230,14 +232,15 @@ class LedgerModel:
 
     def _start(
         self, customer: ModelCustomer, g: ModelGrant, cause: str, reference: str, *,
-        judge: bool = True,
+        judge: bool = True, settle: bool = True,
     ) -> None:  # fmt: skip
         before = customer.balance
         g.status = "active"
         g.remaining = g.tokens
         customer.balance += g.tokens
-        # A new grant pays the overage first (the balance already counts it as negative).
-        settled = min(customer.overage, g.remaining)
+        # A new grant pays the overage first (the balance already counts it as negative);
+        # one that expired before it arrived pays nothing.
+        settled = min(customer.overage, g.remaining) if settle else 0
         g.remaining -= settled
         customer.overage -= settled
         if g.remaining == 0:

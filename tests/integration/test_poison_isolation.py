@@ -69,17 +69,20 @@ async def test_grant_expired_before_it_arrived_is_credited_and_expired_at_once(
         usage("hx", "u-after", 10),
         grant("other", "g-other", 500),
         usage("other", "u-other", 200),
+        # In overage when it comes, it pays none: the same balance as in the other order.
+        usage("hy", "u-before", 50),
+        grant("hy", "g-past-hy", 100_000, expires_at=yesterday),
     ]
     async with running_worker(settings, "usage", "outbox") as process:
         await produce(settings, settings.topic_usage, [record(e) for e in events])
-        await wait_for(functools.partial(ingest_done, process, len(events)), what="4 records")
+        await wait_for(functools.partial(ingest_done, process, len(events)), what="the records")
         await wait_for(functools.partial(outbox_empty, settings), what="outbox published")
     assert await fetchval(settings, "SELECT count(*) FROM dead_letters") == 0
     balances = {
         r["customer_ref"]: r["balance"]
         for r in await fetch(settings, "SELECT customer_ref, balance FROM customers")
     }
-    assert balances == {"hx": -10, "other": 300}
+    assert balances == {"hx": -10, "other": 300, "hy": -50}
     row = (await fetch(settings, "SELECT * FROM grants WHERE reference = 'g-past'"))[0]
     assert row["status"] == "expired"
     assert row["remaining"] == 0

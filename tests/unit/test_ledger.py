@@ -154,10 +154,13 @@ def test_a_grant_expired_before_it_arrived_is_one_event_for_the_alerts() -> None
     ledger.grant("c", grant("live", 100), "live")
     ledger.grant("c", grant("past-2", 40, expires_in=-timedelta(hours=1)), "past-2")
     assert alerts(ledger) == [("recovered", 0, 100)]
-    # In overage, it pays the overage first (a grant does) and expires with what is left.
+    # In overage, it pays none of it (its tokens were never spendable) and all of it expires:
+    # the outcome is the one of the grant arriving before the usage.
     ledger.usage("c", "u", 130, usage_id=1)
     ledger.grant("c", grant("past-3", 40, expires_in=-timedelta(hours=1)), "past-3")
-    assert ledger.customers["c"].balance == 0
+    customer = ledger.customers["c"]
+    assert (customer.balance, customer.overage) == (-30, 30)
+    assert [e.kind for e in ledger.changes.entries[-2:]] == ["grant", "expiry"]
     assert alerts(ledger)[1:] == [("depleted", 100, -30), ("low", 100, -30)]
     check_invariants(ledger)
 

@@ -81,7 +81,7 @@ async def _set_status(
 
 
 @router.post(
-    "/v1/flows/{flow_id}/pause",
+    "/v1/flows/{flow_id:id}/pause",
     summary="Pause a flow: its charges are refused (flow_paused) until it is resumed",
     responses={404: {"description": "unknown_flow"}},
 )
@@ -92,7 +92,7 @@ async def pause_flow(
 
 
 @router.post(
-    "/v1/flows/{flow_id}/resume",
+    "/v1/flows/{flow_id:id}/resume",
     summary="Resume a paused flow",
     responses={404: {"description": "unknown_flow"}},
 )

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from workers import db
 from workers.api.auth import SECURITY, SECURITY_SCHEMES
 from workers.api.envelope import ApiError, document_answers, error, json_response
+from workers.api.segments import keep_encoded_slashes
 from workers.api.services import Services
 from workers.logs import get_logger
 from workers.metrics import Metrics
@@ -120,6 +121,7 @@ class Observe:
             return
         request_id = _request_id_of(scope)
         scope.setdefault("state", {})["request_id"] = request_id
+        keep_encoded_slashes(scope)
         started = time.monotonic()
         status = 0
 
@@ -141,7 +143,10 @@ class Observe:
                     raise
                 response = await _unexpected(Request(scope), exc)
                 await response(scope, receive, send_with_id)
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            matched = scope.get("route")
+            # path_format: the path as documented, without its parameters' convertors.
+            route = getattr(matched, "path_format", None) or getattr(matched, "path", None)
+            route = route or "unmatched"
             self.metrics.http_requests.labels(
                 route=route, method=scope["method"], status=str(status)
             ).inc()

@@ -90,7 +90,7 @@ class TopupRequest(BaseModel):
 
 
 @router.post(
-    "/v1/customers/{customer_ref}/payment-setup",
+    "/v1/customers/{customer_ref:id}/payment-setup",
     summary="Start collecting a customer's card for later charges",
     responses={
         200: {"description": "{customer_ref, stripe_customer, setup_intent, client_secret}"},
@@ -140,7 +140,7 @@ def _auto_reload(row: db.Row) -> dict[str, Any]:
 
 
 @router.put(
-    "/v1/customers/{customer_ref}/credits/auto-reload",
+    "/v1/customers/{customer_ref:id}/credits/auto-reload",
     summary="Set a customer's auto-reload",
     openapi_extra=json_body(AutoReloadSettings),
     responses={
@@ -197,7 +197,7 @@ _TOPUP_HEADERS = [
 
 
 @router.post(
-    "/v1/customers/{customer_ref}/credits/topup",
+    "/v1/customers/{customer_ref:id}/credits/topup",
     summary="Top up a customer's credits, charged off session through Stripe",
     openapi_extra={**json_body(TopupRequest), "parameters": _TOPUP_HEADERS},
     responses={

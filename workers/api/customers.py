@@ -45,7 +45,7 @@ _GRANT_FIELDS = (
 
 
 @router.get(
-    "/v1/customers/{customer_ref}/credits",
+    "/v1/customers/{customer_ref:id}/credits",
     summary="A customer's balance, auto-reload settings and grants",
 )
 async def show_credits(request: Request, customer_ref: Ref) -> Response:
@@ -87,7 +87,7 @@ async def show_credits(request: Request, customer_ref: Ref) -> Response:
 
 
 @router.get(
-    "/v1/customers/{customer_ref}/ledger",
+    "/v1/customers/{customer_ref:id}/ledger",
     summary="A customer's ledger entries, newest first",
 )
 async def list_ledger(request: Request, customer_ref: Ref, page: Paging) -> Response:
@@ -128,7 +128,7 @@ def _features(rows: list[Row]) -> list[dict[str, Any]]:
 
 
 @router.get(
-    "/v1/customers/{customer_ref}/usage",
+    "/v1/customers/{customer_ref:id}/usage",
     summary="Tokens a customer used in the current period, per feature",
 )
 async def show_usage(
@@ -179,7 +179,7 @@ def _periods(start: date, end: date, granularity: str) -> list[date]:
 
 
 @router.get(
-    "/v1/customers/{customer_ref}/usage/history",
+    "/v1/customers/{customer_ref:id}/usage/history",
     summary="Tokens a customer used per day or month and feature",
 )
 async def usage_history(

@@ -42,7 +42,7 @@ def _body(schema: dict[str, Any], *media: str) -> dict[str, Any]:
 
 
 @router.post(
-    "/v1/flows/{flow_id}/charges",
+    "/v1/flows/{flow_id:id}/charges",
     status_code=202,
     summary="Record a charge",
     openapi_extra={

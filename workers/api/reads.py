@@ -57,7 +57,7 @@ async def list_flows(request: Request, page: Paging) -> Response:
     return page_of(request, rows, page, flow_document, _flow_cursor)
 
 
-@router.get("/v1/flows/{flow_id}", summary="One flow")
+@router.get("/v1/flows/{flow_id:id}", summary="One flow")
 async def show_flow(request: Request, flow_id: str = Path(max_length=200)) -> Response:
     rows = await services_of(request).fetch(QUERIES["flow_list"], flow_id)
     if not rows:
@@ -103,7 +103,7 @@ async def list_charges(
     return page_of(request, rows, page, charge_document, _charge_cursor)
 
 
-@router.get("/v1/charges/{charge_id}", summary="One charge")
+@router.get("/v1/charges/{charge_id:id}", summary="One charge")
 async def show_charge(request: Request, charge_id: int = Path(ge=1, le=2**63 - 1)) -> Response:
     row = await services_of(request).fetchrow(QUERIES["api_charge"], charge_id)
     if row is None:
@@ -143,7 +143,7 @@ async def list_payouts(
     return page_of(request, rows, page, lambda row: dict(row.items()), _payout_cursor)
 
 
-@router.get("/v1/payouts/{payout_id}", summary="One payout with its charges (paginated)")
+@router.get("/v1/payouts/{payout_id:id}", summary="One payout with its charges (paginated)")
 async def show_payout(
     request: Request,
     page: Paging,

@@ -97,7 +97,7 @@ async def list_webhooks(request: Request, page: Paging) -> Response:
 
 
 @router.delete(
-    "/v1/webhooks/{endpoint_id}",
+    "/v1/webhooks/{endpoint_id:id}",
     summary="Remove a webhook endpoint; its pending deliveries end failed",
     responses={404: {"description": "not_found"}},
 )
@@ -137,7 +137,7 @@ async def list_deliveries(
 
 
 @router.post(
-    "/v1/webhook-deliveries/{delivery_id}/resend",
+    "/v1/webhook-deliveries/{delivery_id:id}/resend",
     summary="Send a delivery again, at once, with the whole retry schedule ahead",
     responses={404: {"description": "not_found"}, 409: {"description": "endpoint_removed"}},
 )

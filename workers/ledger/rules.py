@@ -155,7 +155,8 @@ class Ledger:
 
     def grant(self, customer_ref: str, grant: Grant, reference: str) -> None:
         """Add a new grant (``remaining == 0``); if it is effective now, credit it, and let it
-        pay the overage first. A grant whose expiry has passed is credited and expired."""
+        pay the overage first. A grant whose expiry has passed is credited and expired,
+        paying nothing."""
         customer = self._prepare(customer_ref)
         grant.status = "pending"
         grant.changed = True
@@ -168,9 +169,10 @@ class Ledger:
         # Expired before it arrived: both steps are in the ledger, but they are one event,
         # so its alerts are those of the balance before the credit and after the expiry
         # (alerts are computed event by event): no recovered-then-depleted pair for tokens
-        # the customer never held.
+        # the customer never held. Nor do they pay overage: they were never spendable, and
+        # a balance counts only unexpired grants, whatever order the events came in.
         before = customer.balance
-        self._activate(customer, grant, "credit_grant", reference, judge=False)
+        self._activate(customer, grant, "credit_grant", reference, judge=False, settle=False)
         self._expire(customer, grant, judge=False)
         self._crossings(customer, before, "credit_grant", reference)
 
@@ -233,12 +235,19 @@ class Ledger:
         )
 
     def _activate(
-        self, customer: Customer, grant: Grant, cause: str, reference: str, *, judge: bool = True
+        self,
+        customer: Customer,
+        grant: Grant,
+        cause: str,
+        reference: str,
+        *,
+        judge: bool = True,
+        settle: bool = True,
     ) -> None:
         before = customer.balance
         grant.status = "active"
         self._entry(customer, "grant", grant.tokens, grant, grant.tokens, 0, reference, None)
-        if customer.overage:
+        if customer.overage and settle:
             settled = min(customer.overage, grant.remaining)
             self._entry(
                 customer, "overage_settlement", 0, grant, -settled, -settled, reference, None
