@@ -151,7 +151,11 @@ class Settings(BaseSettings):
         pattern=r"^(crash_before_db_commit|crash_after_db_commit):[1-9][0-9]*$",
     )
     expiry_interval_s: float = Field(
-        default=5.0, gt=0, description="How often the expiry worker looks for due grants."
+        default=1.0,
+        gt=0,
+        description="How often the expiry worker looks for due grants: how long a grant past "
+        "its expiry (or before its start) can still be read as it was, for a customer with "
+        "no traffic.",
     )
     expiry_batch_size: int = Field(default=500, ge=1)
     reload_interval_s: float = Field(
