@@ -4,7 +4,9 @@ retried (outages, a database set up wrong) and the records' fault; dead-letter h
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -156,3 +158,34 @@ def test_headers_without_a_value_are_stored_and_republished_empty() -> None:
     assert value == b"{"
     assert dlq_headers[:2] == [("trace", b"\x00\xff"), ("empty", b"")]
     assert ("chargeline.reason", b"invalid_json") in dlq_headers
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def test_occurred_at_is_judged_against_the_record_timestamp_whenever_it_is_read() -> None:
+    """Five minutes ahead of the record's timestamp is refused even when the worker reads it
+    later (a lagging worker, a replay) and its clock has caught up: the same verdict as
+    when it was live."""
+    sent = int(time.time() * 1000) - 3_600_000  # appended an hour ago
+    ahead = Rec(value=usage_bytes(occurred_at=_iso(sent + 330_000)), timestamp=sent)
+    within = Rec(value=usage_bytes(reference="u2", occurred_at=_iso(sent + 290_000)),
+                 timestamp=sent, offset=1)  # fmt: skip
+    parsed, rejected = parse(ahead, within)
+    assert [p.record.offset for p in parsed] == [1]
+    assert [(r.reason, r.detail) for r in rejected] == [
+        ("invalid_event", "occurred_at: Datetime should not be more than 5 minutes in the "
+         "future (of the record's timestamp)"),
+    ]  # fmt: skip
+
+
+def test_a_record_timestamp_far_ahead_is_no_default_for_occurred_at() -> None:
+    now = int(time.time() * 1000)
+    parsed, rejected = parse(
+        Rec(value=usage_bytes(), timestamp=now + 3_600_000),
+        Rec(value=usage_bytes(reference="u2"), timestamp=now + 60_000, offset=1),
+    )
+    assert [p.record.offset for p in parsed] == [1]  # a producer's clock a minute ahead
+    assert [r.reason for r in rejected] == ["invalid_event"]
+    assert "absent, and the record's timestamp" in rejected[0].detail

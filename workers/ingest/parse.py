@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+from schemas import common
+from schemas.common import MAX_FUTURE_SKEW
 from schemas.events import EventRejected, InputEvent, canonical_json, parse_event
 
 
@@ -106,6 +108,19 @@ def record_time(record: Record) -> datetime | None:
     return datetime.fromtimestamp(timestamp / 1000, tz=UTC)
 
 
+FUTURE_OCCURRED_AT = (
+    "occurred_at: Datetime should not be more than 5 minutes in the future "
+    "(of the record's timestamp)"
+)
+
+
+def _defaulted_in_future(record: Record) -> str:
+    return (
+        f"occurred_at: absent, and the record's timestamp ({record.timestamp} ms), its "
+        f"default, is more than 5 minutes in the future"
+    )
+
+
 # 9999-12-31T23:59:59.999Z: the last millisecond a datetime can hold.
 _MAX_RECORD_TIMESTAMP_MS = 253_402_300_799_999
 
@@ -121,9 +136,10 @@ def parse_records(
     parsed: list[Parsed] = []
     rejected: list[Rejected] = []
     append_times: dict[int, datetime] = {}
+    now = common.utc_now()  # by its module: tests pin it there
     for record in records:
         try:
-            outcome = _parse_record(record, accepted_types, max_event_bytes, append_times)
+            outcome = _parse_record(record, accepted_types, max_event_bytes, append_times, now)
         except Exception as exc:
             outcome = unprocessable(record, exc)
         if isinstance(outcome, Parsed):
@@ -149,6 +165,7 @@ def _parse_record(  # noqa: PLR0911 -- one return per way a record can fail, in 
     accepted_types: frozenset[str],
     max_event_bytes: int,
     append_times: dict[int, datetime],
+    now: datetime,
 ) -> Parsed | Rejected:
     value: bytes | None = record.value
     if value is None:
@@ -179,21 +196,30 @@ def _parse_record(  # noqa: PLR0911 -- one return per way a record can fail, in 
             f"record has {shown}, expected the customer_ref {event.customer_ref!r}",
             event.type,
         )
+    # Records of a batch share few timestamps (milliseconds): one datetime each.
+    sent_at = append_times.get(record.timestamp)
+    if sent_at is None:
+        sent_at = record_time(record)
+        if sent_at is not None:
+            append_times[record.timestamp] = sent_at
     occurred_at = event.occurred_at
     if occurred_at is None:
-        # Records of a batch share few timestamps (milliseconds): one datetime each.
-        occurred_at = append_times.get(record.timestamp)
-        if occurred_at is None:
-            occurred_at = record_time(record)
-            if occurred_at is None:
-                return Rejected(
-                    record,
-                    "invalid_event",
-                    f"occurred_at: Field required, as the record's timestamp "
-                    f"({record.timestamp} ms) is not a time to default it to",
-                    event.type,
-                )
-            append_times[record.timestamp] = occurred_at
+        if sent_at is None:
+            return Rejected(
+                record,
+                "invalid_event",
+                f"occurred_at: Field required, as the record's timestamp "
+                f"({record.timestamp} ms) is not a time to default it to",
+                event.type,
+            )
+        occurred_at = sent_at
+        if occurred_at - now > MAX_FUTURE_SKEW:
+            return Rejected(record, "invalid_event", _defaulted_in_future(record), event.type)
+    elif sent_at is not None and sent_at < now and occurred_at - sent_at > MAX_FUTURE_SKEW:
+        # Judged against the record's timestamp, not only this worker's clock (which the
+        # model checked): the verdict on a record is the same whenever it is read, live,
+        # late or in a replay.
+        return Rejected(record, "invalid_event", FUTURE_OCCURRED_AT, event.type)
     payload = canonical_json(event)
     return Parsed(
         record,
