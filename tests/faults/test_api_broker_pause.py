@@ -48,6 +48,8 @@ async def test_the_api_answers_503_while_the_broker_is_frozen_and_recovers(
             assert headers["Retry-After"] == "5"
             status, _, _ = await call(session, "GET", f"{base}/healthz")
             assert status == 200, "the process stays up"
+            status, doc, _ = await call(session, "GET", f"{base}/readyz")
+            assert (status, doc) == (503, {"ready": False, "postgres": True, "kafka": False})
         finally:
             broker.resume()
 

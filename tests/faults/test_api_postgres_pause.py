@@ -55,9 +55,14 @@ async def test_a_read_is_503_soon_while_postgres_is_frozen_and_recovers(
             assert waited < 30, waited
             status, _, _ = await call(session, "GET", f"{base}/healthz")
             assert status == 200, "the process stays up"
+            # Not ready, within its own deadline: a load balancer would stop sending.
+            status, doc, _ = await call(session, "GET", f"{base}/readyz")
+            assert (status, doc) == (503, {"ready": False, "postgres": False, "kafka": True})
 
         async def answers() -> bool:
             status, _, _ = await call(session, "GET", url, key=key)
             return status == 200
 
         await wait_for(answers, timeout=60, what="the API reading again")
+        status, doc, _ = await call(session, "GET", f"{base}/readyz")
+        assert (status, doc) == (200, {"ready": True, "postgres": True, "kafka": True})

@@ -545,3 +545,19 @@ async def test_an_id_with_a_slash_is_reached_with_an_encoded_slash(settings: Set
         # Still one segment each: the path with a real slash is no route.
         status, doc, _ = await call(session, "GET", f"{base}/v1/flows/team/a", key=key)
         assert (status, doc["error"]["code"]) == (404, "not_found")
+
+
+async def test_a_customer_reference_no_event_can_hold_is_refused_by_reads_too(
+    settings: Settings,
+) -> None:
+    await setup_pipeline(settings, partitions=1)
+    key = new_key(settings, "read", "billing")["key"]
+    async with api_server(settings) as base, aiohttp.ClientSession() as session:
+        for ref in ("a%09b", "%E2%80%8B", "x" * 201):
+            for method, tail in (("GET", "credits"), ("GET", "ledger"), ("GET", "usage"),
+                                 ("POST", "payment-setup")):  # fmt: skip
+                url = f"{base}/v1/customers/{ref}/{tail}"
+                status, doc, _ = await call(session, method, url, key=key)
+                assert (status, doc["error"]["param"]) == (422, "customer_ref"), (url, doc)
+        status, doc, _ = await call(session, "GET", f"{base}/v1/customers/a%20b/credits", key=key)
+        assert (status, doc["data"]["balance"]) == (200, 0)  # a space is printable

@@ -232,8 +232,9 @@ def _add_operational_routes(app: FastAPI, metrics: Metrics) -> None:
     @app.get("/readyz", include_in_schema=False)
     async def ready(request: Request) -> Response:
         services: Services = request.app.state.services
-        is_ready = services.ready
-        return json_response({"ready": is_ready}, 200 if is_ready else 503)
+        answering = await services.dependencies_answer()
+        is_ready = all(answering.values())
+        return json_response({"ready": is_ready, **answering}, 200 if is_ready else 503)
 
 
 def services_of(request: Request) -> Services:

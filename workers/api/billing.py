@@ -32,16 +32,17 @@ from typing import Annotated, Any
 
 import orjson
 import stripe
-from fastapi import Path, Request
+from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.common import MAX_IDENTIFIER_LENGTH, MAX_QUANTITY, Amount, Tokens
+from schemas.common import MAX_QUANTITY, Amount, Tokens
 from schemas.currency import CurrencyCode
 from workers import db, stripe_gateway
 from workers.api.auth import key_of, scoped_router
-from workers.api.bodies import identifier, json_body, parse_body
+from workers.api.bodies import json_body, parse_body
 from workers.api.envelope import ApiError, ok
+from workers.api.paging import Ref
 from workers.api.services import Key, Services, unavailable
 from workers.db import QUERIES
 from workers.ops.payment_setup import payment_setup
@@ -56,8 +57,6 @@ _POLL_FIRST_S = 0.05
 _POLL_MAX_S = 0.5
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 _REPLAYED = {"Idempotent-Replayed": "true"}
-
-CustomerRef = Annotated[str, Path(min_length=1, max_length=MAX_IDENTIFIER_LENGTH)]
 
 
 class AutoReloadSettings(BaseModel):
@@ -97,13 +96,12 @@ class TopupRequest(BaseModel):
         502: {"description": "stripe_error: Stripe refused a call (its code in the message)"},
     },
 )
-async def start_payment_setup(request: Request, customer_ref: CustomerRef) -> Response:
+async def start_payment_setup(request: Request, customer_ref: Ref) -> Response:
     """The Stripe customer is created when ours has none (``metadata.customer_ref`` names
     ours) and linked at once; then a SetupIntent with ``usage=off_session``, whose
     ``client_secret`` the browser passes to ``stripe.confirmSetup``. Once Stripe sends
     ``setup_intent.succeeded``, the card is the one auto-reloads and top-ups charge."""
     services: Services = request.app.state.services
-    customer_ref = identifier(customer_ref, "customer_ref")
     if services.pool is None:
         raise unavailable("Postgres")
     try:
@@ -148,9 +146,8 @@ def _auto_reload(row: db.Row) -> dict[str, Any]:
         422: {"description": "auto_reload_incomplete (naming what is missing) or invalid_request"},
     },
 )
-async def set_auto_reload(request: Request, customer_ref: CustomerRef) -> Response:
+async def set_auto_reload(request: Request, customer_ref: Ref) -> Response:
     services: Services = request.app.state.services
-    customer_ref = identifier(customer_ref, "customer_ref")
     body = await parse_body(request, AutoReloadSettings)
     async with _transaction(services) as conn:
         row = await db.fetch_one(
@@ -211,12 +208,11 @@ _TOPUP_HEADERS = [
 )
 async def topup(
     request: Request,
-    customer_ref: CustomerRef,
+    customer_ref: Ref,
 ) -> Response:
     services: Services = request.app.state.services
     key = key_of(request)
     idempotency = _idempotency_key(request.headers.get("idempotency-key"))
-    customer_ref = identifier(customer_ref, "customer_ref")
     body = await parse_body(request, TopupRequest)
     digest = hashlib.sha256(
         orjson.dumps(

@@ -12,8 +12,11 @@ from typing import Annotated, Any
 import orjson
 from fastapi import Depends, Path, Query, Request
 from fastapi.responses import Response
-from pydantic import BeforeValidator
+from pydantic import AfterValidator, BeforeValidator
+from pydantic_core import PydanticCustomError
 
+from schemas.common import MAX_IDENTIFIER_LENGTH
+from schemas.printable import is_printable
 from workers.api.envelope import ApiError, ok
 from workers.api.services import Services
 from workers.db import Row
@@ -36,7 +39,19 @@ def _moment(value: object) -> object:
 
 
 Moment = Annotated[datetime, BeforeValidator(_moment)]
-Ref = Annotated[str, Path(min_length=1, max_length=200)]
+
+
+def _printable(value: str) -> str:
+    if not is_printable(value):
+        raise PydanticCustomError("printable", "expected 1-200 printable characters")
+    return value
+
+
+# A customer's reference in a path: what an event may hold (an event with any other cannot
+# exist), so a read of one refuses it as a write does, rather than answering it empty.
+Ref = Annotated[
+    str, Path(min_length=1, max_length=MAX_IDENTIFIER_LENGTH), AfterValidator(_printable)
+]
 
 
 def filter_param(description: str) -> Any:

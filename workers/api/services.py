@@ -31,6 +31,7 @@ PUBLISH_TIMEOUT_S = 10.0  # the broker's acknowledgement, or 503
 STATEMENT_TIMEOUT_S = 10.0
 WAIT_POLL_S = 0.05  # how often the waiter asks Postgres, for all waiting requests at once
 UNAVAILABLE = {"Retry-After": "5"}
+READY_TIMEOUT_S = 2.0
 
 
 def unavailable(what: str) -> ApiError:
@@ -63,6 +64,27 @@ class Services:
     @property
     def ready(self) -> bool:
         return self.pool is not None and self.producer_ready.is_set()
+
+    async def dependencies_answer(self) -> dict[str, bool]:
+        """Whether Postgres and the broker each answer a request within READY_TIMEOUT_S:
+        what /readyz reports, so that a load balancer stops sending requests that would be
+        503s."""
+        if not self.ready:
+            return {"postgres": False, "kafka": False}
+
+        async def postgres() -> bool:
+            assert self.pool is not None
+            async with asyncio.timeout(READY_TIMEOUT_S), self.pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+            return True
+
+        async def kafka() -> bool:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                await self.producer.client.fetch_all_metadata()
+            return True
+
+        pg, broker = await asyncio.gather(postgres(), kafka(), return_exceptions=True)
+        return {"postgres": pg is True, "kafka": broker is True}
 
     async def start(self) -> None:
         self.pool = await db.create_pool(
