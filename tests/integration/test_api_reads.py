@@ -237,6 +237,8 @@ async def test_credits_ledger_and_usage_of_a_customer(settings: Settings) -> Non
                  end_date="2025-01-01"), "invalid_request", "end_date"),
             (url(base, "/v1/customers/alice/usage/history", start_date="2025-01-01",
                  end_date="2025-02-30"), "invalid_request", "end_date"),
+            (url(base, "/v1/customers/alice/usage/history", start_date="9999-12-31",
+                 end_date="9999-12-31"), "invalid_request", "end_date"),
             (url(base, "/v1/customers/alice/usage", start="2025-01-01T00:00:00"),
              "invalid_request", "start"),
             (url(base, "/v1/customers/alice/usage", start="2025-02-01", end="2025-01-01"),
@@ -252,6 +254,7 @@ async def test_credits_ledger_and_usage_of_a_customer(settings: Settings) -> Non
             status, doc, _ = await call(session, "GET", address, key=key)
             assert status == 422, (address, doc)
             assert (doc["error"]["code"], doc["error"]["param"]) == (code, param), address
+            assert "9999-12-31" not in address or "before 9999-12-31" in doc["error"]["message"]
 
 
 async def test_a_cursor_walk_sees_every_charge_once_while_more_arrive(

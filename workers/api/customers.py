@@ -195,8 +195,12 @@ async def usage_history(
         raise ApiError(
             422, "invalid_request", "end_date: must not be before start_date", param="end_date"
         )
+    if end_date == date.max:  # the range's end, the day after, is no date
+        raise ApiError(
+            422, "invalid_request", "end_date: must be before 9999-12-31", param="end_date"
+        )
     periods = _periods(start_date, end_date, granularity)
-    if len(periods) > MAX_USAGE_PERIODS or end_date == date.max:
+    if len(periods) > MAX_USAGE_PERIODS:
         raise ApiError(
             422,
             "invalid_request",
