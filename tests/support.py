@@ -182,6 +182,11 @@ async def running_worker(settings: Settings, *kinds: str) -> AsyncIterator[Worke
         await asyncio.wait_for(task, timeout=60)
 
 
+# The session timeout of workers a test kills and replaces: the group moves a killed member's
+# partitions once its session has expired, and each kill would otherwise wait the default.
+KILLED_MEMBER_SESSION_MS = 2500
+
+
 def spawn_worker(
     env: dict[str, str], *kinds: str, log_path: str | None = None
 ) -> subprocess.Popen[bytes]:

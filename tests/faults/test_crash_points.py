@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support import (
+    KILLED_MEMBER_SESSION_MS,
     assert_invariants,
     charge,
     fetch,
@@ -67,7 +68,13 @@ async def test_crash_at_commit_points_applies_everything_once(
     charges, usage_records, balances = mixed_load(rng)
     await produce(settings, settings.topic_charges, charges)
     await produce(settings, settings.topic_usage, usage_records)
-    crashing = settings.model_copy(update={"batch_max_records": 600, "failpoint": f"{point}:3"})
+    crashing = settings.model_copy(
+        update={
+            "batch_max_records": 600,
+            "failpoint": f"{point}:3",
+            "kafka_session_timeout_ms": KILLED_MEMBER_SESSION_MS,
+        }
+    )
     env = settings_env(crashing)
     log = str(tmp_path / "worker.log")
 

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 from tests.support import (
+    KILLED_MEMBER_SESSION_MS,
     assert_invariants,
     charge,
     fetchval,
@@ -38,7 +39,11 @@ async def test_sigkill_mid_load_loses_and_duplicates_nothing(
     poison = [record(b"{broken", key="c1") for _ in range(20)]
     records = [record(e) for e in unique] + [record(e) for e in rng.sample(unique, 1000)] + poison
     rng.shuffle(records)
-    env = settings_env(settings.model_copy(update={"batch_max_records": 500}))
+    env = settings_env(
+        settings.model_copy(
+            update={"batch_max_records": 500, "kafka_session_timeout_ms": KILLED_MEMBER_SESSION_MS}
+        )
+    )
     log = str(tmp_path / "worker.log")
 
     await produce(settings, settings.topic_charges, records)

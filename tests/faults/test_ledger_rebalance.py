@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import (
+    KILLED_MEMBER_SESSION_MS,
     assert_invariants,
     fetch,
     fetchval,
@@ -67,7 +68,11 @@ async def test_three_workers_with_rebalances_keep_every_balance_exact(
     rng = random.Random(3)
     await setup_pipeline(settings, partitions=6)
     events = build_load(rng)
-    env = settings_env(settings.model_copy(update={"batch_max_records": 300}))
+    env = settings_env(
+        settings.model_copy(
+            update={"batch_max_records": 300, "kafka_session_timeout_ms": KILLED_MEMBER_SESSION_MS}
+        )
+    )
     log = str(tmp_path / "workers.log")
     workers = [spawn_worker(env, "usage", log_path=log) for _ in range(3)]
     injected: list[str] = []
