@@ -53,8 +53,8 @@ def add_bench(nouns: argparse._SubParsersAction[Parser]) -> None:
     )  # fmt: skip
     bench.add_argument(
         "--send-tick-ms", type=positive_float, metavar="MS",
-        help="how often the fixed-rate load sends what is due, one batch per partition "
-        "(default 2)",
+        help="how often the fixed-rate load sends what is due, one batch per partition, "
+        "each record stamped with the moment it fell due (default 20)",
     )  # fmt: skip
     bench.add_argument(
         "--naive-seconds", type=positive_float, default=10.0, metavar="S",
