@@ -39,7 +39,7 @@ def test_bench_runs_every_phase_and_writes_the_figures(tmp_path: Path) -> None:
     done = subprocess.run(
         [
             sys.executable, "-m", "workers.cli.main", "bench", "--events", "3000",
-            "--json", str(out), "--fixed-rate-seconds", "3", "--naive-seconds", "2",
+            "--json", str(out), "--fixed-rate-seconds", "1", "--naive-seconds", "2",
             "--profile", str(tmp_path / "profile"),
         ],
         env=env,
