@@ -101,6 +101,13 @@ class Settings(BaseSettings):
 
     # --- batching and back-off ---
     batch_max_records: int = Field(default=4000, ge=1, le=100_000)
+    batch_max_bytes: int = Field(
+        default=16 << 20,
+        ge=1 << 20,
+        description="A batch stops gathering once its record values reach this many bytes, "
+        "whatever batch_max_records says: a worker holds a few batches, so large records "
+        "cannot take its memory past a few times this.",
+    )
     batch_max_wait_ms: int = Field(default=100, ge=1, le=60_000)
     batch_linger_ms: int = Field(
         default=50,

@@ -195,6 +195,38 @@ async def test_records_arriving_within_the_linger_are_applied_as_one_batch(
     assert await fetchval(settings, "SELECT count(*) FROM charges") == 3
 
 
+async def test_a_batch_stops_gathering_at_its_byte_budget(settings: Settings) -> None:
+    """Large records make smaller batches: the second of three 700 KiB records takes the
+    batch past its 1 MiB, so it is applied without waiting out the linger for the third."""
+    await setup_pipeline(settings, partitions=1, flows=[("flow_a", "active")])
+    settings = settings.model_copy(
+        update={"batch_linger_ms": 5000, "batch_max_bytes": 1 << 20, "max_event_bytes": 1 << 20}
+    )
+    producer = make_producer(settings, client_id="test-producer", linger_ms=0)
+    await producer.start()
+    try:
+        async with running_worker(settings, "charges") as process:
+            await wait_for(functools.partial(_assigned, process), what="the partition assigned")
+            for n in range(3):
+                key, value = record(charge("flow_a", "cust_1", f"ref-{n}"))
+                padded = value[:-1] + b" " * (700 << 10) + b"}"  # still the same charge
+                await (await producer.send(settings.topic_charges, value=padded, key=key))
+                await asyncio.sleep(0.3)
+            await wait_for(functools.partial(ingest_done, process, 3), what="3 records processed")
+            metrics = process.metrics
+    finally:
+        await producer.stop()
+    sizes = [
+        sample.value
+        for family in metrics.registry.collect()
+        if family.name == "chargeline_batch_size"
+        for sample in family.samples
+        if sample.name == "chargeline_batch_size_count"
+    ]
+    assert sum(sizes) == 2
+    assert await fetchval(settings, "SELECT count(*) FROM charges") == 3
+
+
 async def _assigned(process: Any) -> bool:
     return process.ingest is not None and bool(process.ingest.consumer.assignment())
 

@@ -68,6 +68,12 @@ def next_offsets(
 COMMITTED_OFFSETS_TIMEOUT_S = 5.0
 
 
+def value_bytes(records: list[Record]) -> int:
+    """The bytes of the records' values: what a batch holds in memory, roughly twice over
+    once parsed."""
+    return sum(len(record.value) for record in records if record.value is not None)
+
+
 class ConsumerLoop(WorkerLoop):
     """Consume, process, commit, until asked to stop; then drain and leave the group."""
 
@@ -198,7 +204,7 @@ class ConsumerLoop(WorkerLoop):
 
     async def _gather(self, records: list[Record]) -> list[Record]:
         """Add what the next fetches bring to ``records`` for ``batch_linger_ms``, up to
-        ``batch_max_records``.
+        ``batch_max_records`` or ``batch_max_bytes`` of record values.
 
         Each batch costs a transaction per lane, whatever its size: under light load, a
         batch per fetch spends the machine on statements and commits of a few records each,
@@ -211,8 +217,9 @@ class ConsumerLoop(WorkerLoop):
         left, so the records gathered so far are submitted and the rebalance goes on.
         """
         limit = self.settings.batch_max_records
+        size, max_size = value_bytes(records), self.settings.batch_max_bytes
         deadline = time.monotonic() + self.settings.batch_linger_ms / 1000
-        while len(records) < limit and not self.stopping.is_set():
+        while len(records) < limit and size < max_size and not self.stopping.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -225,7 +232,9 @@ class ConsumerLoop(WorkerLoop):
                 )
             except TimeoutError:
                 break
-            records.extend(record for tp_records in more.values() for record in tp_records)
+            fetched = [record for tp_records in more.values() for record in tp_records]
+            records += fetched
+            size += value_bytes(fetched)
         return records
 
     async def _submit(self, records: list[Record]) -> None:
