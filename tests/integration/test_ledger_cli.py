@@ -187,7 +187,7 @@ async def test_ledger_cli_errors_are_one_line(settings: Settings) -> None:
     assert_one_line_error(
         cli(settings, "usage", "alice", "--since", "2025-02-01", "--until", "2025-01-01"),
         code=2,
-        mentions="--since (2025-02-01T00:00:00Z) must be before --until (2025-01-01T00:00:00Z)",
+        mentions="--since (2025-02-01T00:00:00Z) must not be after --until (2025-01-01T00:00:00Z)",
     )
     assert_one_line_error(cli(settings, "usage"), code=2, mentions="CUSTOMER")
     assert_one_line_error(

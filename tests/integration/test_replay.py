@@ -36,7 +36,7 @@ from tests.support import (
     usage,
     wait_for,
 )
-from workers.kafka import security_options
+from workers.kafka import client_options
 from workers.ops.topic_ranges import log_ends, topic_partitions
 from workers.settings import Settings
 
@@ -151,7 +151,7 @@ async def test_log_end_is_taken_from_fetch_highwater(settings: Settings) -> None
     await setup_pipeline(settings, partitions=1, flows=[("flow_a", "active")])
     events = [record(charge("flow_a", f"c{n % 7}", f"r{n}")) for n in range(1200)]
     await produce(settings, settings.topic_charges, events)
-    consumer = AIOKafkaConsumer(group_id=None, **security_options(settings))
+    consumer = AIOKafkaConsumer(group_id=None, **client_options(settings))
     await consumer.start()
     try:
         partitions = await topic_partitions(consumer, settings.topic_charges)
@@ -317,7 +317,7 @@ async def test_offset_ranges_and_bad_ranges(settings: Settings) -> None:
             "2020-01-01",
         ),
         code=2,
-        mentions="--since must be before --until",
+        mentions="--since must not be after --until",
     )
     assert_one_line_error(
         cli(
@@ -332,6 +332,16 @@ async def test_offset_ranges_and_bad_ranges(settings: Settings) -> None:
         ),
         code=2,
         mentions="--since or --from-offsets",
+    )
+    assert_one_line_error(
+        cli(settings, "replay", "--topic", "charges", "--since", "0:1", "--from-offsets", "0:2"),
+        code=2,
+        mentions="give the start once",
+    )
+    assert_one_line_error(
+        cli(settings, "replay", "--topic", "charges", "--since", "160"),
+        code=2,
+        mentions="PARTITION:OFFSET",
     )
 
 

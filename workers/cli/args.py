@@ -28,6 +28,10 @@ def timestamp(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"invalid time {text!r}: {exc}") from None
 
 
+MAX_BIGINT = 2**63 - 1
+"""The largest id or count Postgres can compare with (bigint)."""
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -35,7 +39,20 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    if value > MAX_BIGINT:
+        raise argparse.ArgumentTypeError(f"expected a number <= {MAX_BIGINT}, got {value}")
     return value
+
+
+def dead_letter_reason(text: str) -> str:
+    """One of the dead-letter reason codes: a typo would otherwise match nothing, silently."""
+    from schemas.common import DEAD_LETTER_REASONS
+
+    if text not in DEAD_LETTER_REASONS:
+        raise argparse.ArgumentTypeError(
+            f"unknown reason {text!r}: expected one of {', '.join(DEAD_LETTER_REASONS)}"
+        )
+    return text
 
 
 def positive_float(text: str) -> float:

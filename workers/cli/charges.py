@@ -7,7 +7,15 @@ from typing import Any
 
 import orjson
 
-from workers.cli.args import Parser, add_actions, add_format, identifier, positive_int, timestamp
+from workers.cli.args import (
+    MAX_BIGINT,
+    Parser,
+    add_actions,
+    add_format,
+    identifier,
+    positive_int,
+    timestamp,
+)
 from workers.cli.database import fetch_rows
 from workers.cli.output import emit_object, emit_rows
 from workers.errors import NotFoundError, UsageError
@@ -52,8 +60,8 @@ def _charge_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def charges_list(settings: Settings, args: argparse.Namespace) -> int:
-    if args.since and args.until and args.since >= args.until:
-        raise UsageError("--since must be before --until")
+    if args.since and args.until and args.since > args.until:  # equal: an empty range
+        raise UsageError("--since must not be after --until")
     rows = await fetch_rows(
         settings,
         "charge_list",
@@ -69,7 +77,8 @@ async def charges_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def charges_show(settings: Settings, args: argparse.Namespace) -> int:
-    charge_id = int(args.charge) if args.charge.isdigit() and args.flow is None else None
+    digits = args.charge.isascii() and args.charge.isdigit() and int(args.charge) <= MAX_BIGINT
+    charge_id = int(args.charge) if digits and args.flow is None else None
     rows = await fetch_rows(settings, "charge_show", charge_id, args.flow, args.charge)
     if charge_id is not None and not rows:
         rows = await fetch_rows(settings, "charge_show", None, None, args.charge)

@@ -8,7 +8,15 @@ import argparse
 import sys
 
 from workers import db
-from workers.cli.args import Parser, add_actions, add_format, positive_int, timestamp
+from workers.cli.args import (
+    MAX_BIGINT,
+    Parser,
+    add_actions,
+    add_format,
+    dead_letter_reason,
+    positive_int,
+    timestamp,
+)
 from workers.cli.database import connect
 from workers.cli.output import emit_object, emit_rows, to_json
 from workers.ops.dlq_replay import RETRYABLE_REASONS, replay_dead_letters
@@ -29,7 +37,7 @@ DEAD_LETTER_COLUMNS = [
 def add_dlq(nouns: argparse._SubParsersAction[Parser]) -> None:
     dlq = add_actions(nouns, "dlq")
     dlist = dlq.add_parser("list", help="dead letters, newest first")
-    dlist.add_argument("--reason")
+    dlist.add_argument("--reason", type=dead_letter_reason)
     dlist.add_argument("--since", type=timestamp, metavar="T", help="recorded at or after T")
     dlist.add_argument("--replayed", choices=("yes", "no", "all"), default="all")
     dlist.add_argument("--limit", type=positive_int, default=100)
@@ -44,7 +52,9 @@ def add_dlq(nouns: argparse._SubParsersAction[Parser]) -> None:
         "paused or unknown are skipped and stay for a later run.",
     )
     which = dreplay.add_mutually_exclusive_group()
-    which.add_argument("--reason", action="append", help="only this reason (repeatable)")
+    which.add_argument(
+        "--reason", type=dead_letter_reason, action="append", help="only this reason (repeatable)"
+    )
     which.add_argument("--ids", type=id_list, metavar="ID,...", help="only these dead letters")
     dreplay.add_argument("--since", type=timestamp, metavar="T", help="recorded at or after T")
     dreplay.add_argument(
@@ -57,7 +67,7 @@ def add_dlq(nouns: argparse._SubParsersAction[Parser]) -> None:
 def id_list(text: str) -> list[int]:
     """``1,2,3`` -> [1, 2, 3]."""
     parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() and int(part) > 0 for part in parts):
+    if not all(part.isascii() and part.isdigit() and 0 < int(part) <= MAX_BIGINT for part in parts):
         raise argparse.ArgumentTypeError(f"expected ids such as 1,2,3, got {text!r}")
     return sorted({int(part) for part in parts})
 

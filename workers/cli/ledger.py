@@ -130,8 +130,8 @@ async def usage_report(settings: Settings, args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     since: datetime = args.since or now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     until: datetime = args.until or now
-    if since >= until:
-        raise UsageError(f"--since ({_time(since)}) must be before --until ({_time(until)})")
+    if since > until:  # equal: an empty range
+        raise UsageError(f"--since ({_time(since)}) must not be after --until ({_time(until)})")
     conn = await connect(settings)
     try:
         if not await conn.fetchval(db.QUERIES["customer_exists"], args.customer):

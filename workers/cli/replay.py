@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
+from datetime import datetime
 from typing import Any
 
 from workers.cli.args import Parser, add_format, add_noun, positive_int, timestamp
@@ -36,15 +38,17 @@ def add_replay(nouns: argparse._SubParsersAction[Parser]) -> None:
     replay.add_argument("--topic", required=True, help="an input topic (or: charges, usage)")
     replay.add_argument(
         "--since",
-        type=timestamp,
+        type=time_or_offsets,
         metavar="T",
-        help="from the first record published at or after T (RFC 3339 or a date)",
+        help="from the first record published at or after T (RFC 3339 or a date), or from "
+        "offsets, as --from-offsets",
     )
     replay.add_argument(
         "--until",
-        type=timestamp,
+        type=time_or_offsets,
         metavar="T",
-        help="up to the first record published at or after T (RFC 3339 or a date)",
+        help="up to the first record published at or after T (RFC 3339 or a date), or up to "
+        "offsets, as --to-offsets",
     )
     replay.add_argument(
         "--from-offsets",
@@ -75,12 +79,21 @@ def add_replay(nouns: argparse._SubParsersAction[Parser]) -> None:
     replay.set_defaults(run=replay_command)
 
 
+def time_or_offsets(text: str) -> datetime | dict[int, int]:
+    """A time (RFC 3339 or a date) or offsets (``0:100,1:250``): the contract's
+    ``--since/--until`` take either; no time is made of digits, colons and commas alone."""
+    if re.fullmatch(r"[0-9:, ]+", text):
+        return offsets(text)
+    return timestamp(text)
+
+
 def offsets(text: str) -> dict[int, int]:
     """``0:100,1:250`` -> {0: 100, 1: 250}."""
     result: dict[int, int] = {}
     for part in text.split(","):
         partition, sep, offset = part.strip().partition(":")
-        if not sep or not partition.isdigit() or not offset.isdigit():
+        digits = partition.isascii() and offset.isascii()
+        if not sep or not digits or not partition.isdigit() or not offset.isdigit():
             raise argparse.ArgumentTypeError(
                 f"expected PARTITION:OFFSET[,PARTITION:OFFSET...] such as 0:100,1:250, got {text!r}"
             )
@@ -96,6 +109,13 @@ def _topic(settings: Settings, name: str) -> str:
 
 async def replay_command(settings: Settings, args: argparse.Namespace) -> int:
     """Re-process a range of an input topic; print the report."""
+    # --since and --until take times or offsets: offsets are --from- and --to-offsets.
+    for bound, twin in (("since", "from_offsets"), ("until", "to_offsets")):
+        if isinstance(getattr(args, bound), dict):
+            if getattr(args, twin) is not None:
+                raise UsageError(f"give the {'start' if bound == 'since' else 'end'} once")
+            setattr(args, twin, getattr(args, bound))
+            setattr(args, bound, None)
     if args.from_beginning and (args.since or args.from_offsets):
         raise UsageError("--from-beginning cannot be combined with --since or --from-offsets")
     if args.since and args.from_offsets:

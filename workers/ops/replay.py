@@ -213,8 +213,8 @@ async def run_replay(
     stopping: asyncio.Event | None = None,
 ) -> ReplayReport:
     """Re-process a range of ``topic`` through the live apply path; see the module docstring."""
-    if spec.since and spec.until and spec.since >= spec.until:
-        raise UsageError("--since must be before --until")
+    if spec.since and spec.until and spec.since > spec.until:  # equal: an empty range
+        raise UsageError("--since must not be after --until")
     stopping = stopping or asyncio.Event()
     metrics = Metrics()
     processor = BatchProcessor(
