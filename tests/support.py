@@ -30,7 +30,7 @@ from workers import db
 from workers.api.app import create_app
 from workers.app import WorkerProcess
 from workers.devtools.devstack import LocalStack
-from workers.kafka import ensure_topics, make_producer, security_options
+from workers.kafka import client_options, ensure_topics, make_producer
 from workers.settings import Settings
 
 Event = dict[str, Any]
@@ -209,7 +209,7 @@ async def consume_all(
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        **security_options(settings),
+        **client_options(settings),
     )
     await consumer.start()
     try:
@@ -388,9 +388,7 @@ async def log_end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """The exact end of each partition of ``topic`` (fetch highwater, not ListOffsets)."""
     from workers.ops.topic_ranges import log_ends, topic_partitions
 
-    consumer = AIOKafkaConsumer(
-        group_id=None, enable_auto_commit=False, **security_options(settings)
-    )
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **client_options(settings))
     await consumer.start()
     try:
         partitions = await topic_partitions(consumer, topic)
@@ -406,7 +404,7 @@ async def group_offsets(settings: Settings, topic: str) -> dict[int, int | None]
     from workers.ops.topic_ranges import topic_partitions
 
     consumer = AIOKafkaConsumer(
-        group_id=settings.consumer_group, enable_auto_commit=False, **security_options(settings)
+        group_id=settings.consumer_group, enable_auto_commit=False, **client_options(settings)
     )
     await consumer.start()
     try:
@@ -427,7 +425,7 @@ async def move_group_to_end(settings: Settings, *topics: str) -> dict[TopicParti
         group_id=settings.consumer_group,
         enable_auto_commit=False,
         session_timeout_ms=6000,
-        **security_options(settings),
+        **client_options(settings),
     )
     await consumer.start()
     try:

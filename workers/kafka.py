@@ -33,14 +33,20 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, KafkaConnectionError | asyncio.TimeoutError):
         return True
-    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+    # The client raises KafkaError itself, no subclass, when no broker answers a metadata
+    # request ("Unable to get cluster metadata over all known brokers"): the broker is away.
+    return type(exc) is KafkaError or (
+        isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+    )
 
 
-def security_options(settings: Settings) -> dict[str, Any]:
-    """Connection security shared by every client (SASL/SCRAM, PLAIN, TLS)."""
+def client_options(settings: Settings) -> dict[str, Any]:
+    """What every client shares: the servers, connection security (SASL/SCRAM, PLAIN,
+    TLS) and how long a request may wait for the broker's answer."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap_servers,
         "security_protocol": settings.kafka_security_protocol,
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
     }
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
         options["ssl_context"] = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
@@ -93,7 +99,7 @@ def make_consumer(
         # fetch covers a partition with nothing new: a quiet partition must not hold back a
         # busy one's batch for half a second.
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
-        **security_options(settings),
+        **client_options(settings),
     )
 
 
@@ -110,7 +116,7 @@ def make_producer(
         linger_ms=linger_ms,
         max_batch_size=1 << 20,
         max_request_size=max(settings.max_event_bytes * 2, 1 << 20),
-        **security_options(settings),
+        **client_options(settings),
     )
 
 
@@ -118,7 +124,7 @@ async def ensure_topics(
     settings: Settings, partitions: int | None = None, replication_factor: int | None = None
 ) -> list[str]:
     """Create the missing topics; return the names created."""
-    admin = AIOKafkaAdminClient(**security_options(settings))
+    admin = AIOKafkaAdminClient(**client_options(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         ge=1000,
         description="How long the group waits for a silent member before moving its partitions.",
     )
+    kafka_request_timeout_ms: int = Field(
+        default=40_000,
+        ge=1000,
+        le=600_000,
+        description="How long a request to the broker may wait for its answer before the "
+        "client gives up on it (and chargeline retries); aiokafka's default.",
+    )
     kafka_fetch_max_wait_ms: int = Field(
         default=100,
         ge=1,

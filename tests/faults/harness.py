@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tests.faults.expected import Sent
 from tests.support import settings_env, spawn_worker
 from workers.devtools.devstack import free_port
-from workers.kafka import security_options
+from workers.kafka import client_options
 from workers.settings import Settings
 
 Position = tuple[str, int, int]  # topic, partition, offset
@@ -50,6 +50,21 @@ def fault_settings(settings: Settings, **overrides: Any) -> Settings:
     }
     update.update(overrides)
     return settings.model_copy(update=update)
+
+
+@contextlib.contextmanager
+def frozen(postmaster: int) -> Iterator[None]:
+    """The postmaster and every process it runs stopped (SIGSTOP), then continued, whatever
+    happens: a Postgres that answers nothing, as a hung host or a dropped network does."""
+    processes = [psutil.Process(postmaster), *psutil.Process(postmaster).children(True)]
+    for process in processes:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGCONT)
 
 
 @dataclass
@@ -223,7 +238,7 @@ class Producer:
             enable_idempotence=settings.kafka_idempotent_producer,
             linger_ms=5,
             max_request_size=max_request_size,
-            **security_options(settings),
+            **client_options(settings),
         )
 
     async def __aenter__(self) -> Producer:
@@ -254,7 +269,7 @@ async def commit_group_offsets(settings: Settings, topics: list[str], offset: in
         group_id=settings.consumer_group,
         enable_auto_commit=False,
         session_timeout_ms=settings.kafka_session_timeout_ms,
-        **security_options(settings),
+        **client_options(settings),
     )
     await consumer.start()
     try:
@@ -275,7 +290,7 @@ async def commit_group_offsets(settings: Settings, topics: list[str], offset: in
 async def committed_offsets(settings: Settings, topics: list[str]) -> dict[TopicPartition, int]:
     """The live group's committed offsets (-1 where nothing is committed), read without joining."""
     consumer = AIOKafkaConsumer(
-        group_id=settings.consumer_group, enable_auto_commit=False, **security_options(settings)
+        group_id=settings.consumer_group, enable_auto_commit=False, **client_options(settings)
     )
     await consumer.start()
     try:
@@ -302,7 +317,7 @@ async def topic_records(
         auto_offset_reset="earliest",
         fetch_max_bytes=64 << 20,
         max_partition_fetch_bytes=8 << 20,
-        **security_options(settings),
+        **client_options(settings),
     )
     await consumer.start()
     try:

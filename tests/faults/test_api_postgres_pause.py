@@ -5,32 +5,15 @@ answers 200, without a restart."""
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
-from collections.abc import Iterator
 
 import aiohttp
-import psutil
 import pytest
 
+from tests.faults.harness import frozen
 from tests.support import Stack, api_server, call, new_key, setup_pipeline, wait_for
 from workers.api.services import STATEMENT_TIMEOUT_S
 from workers.settings import Settings
-
-
-@contextlib.contextmanager
-def frozen(postmaster: int) -> Iterator[None]:
-    """The postmaster and every process it runs stopped, then continued, whatever happens."""
-    processes = [psutil.Process(postmaster), *psutil.Process(postmaster).children(True)]
-    for process in processes:
-        process.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for process in processes:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.send_signal(signal.SIGCONT)
 
 
 async def test_a_read_is_503_soon_while_postgres_is_frozen_and_recovers(

@@ -1,6 +1,6 @@
 """The broker frozen for 20 s (SIGSTOP, then SIGCONT) in the middle of a load: longer than
-the session timeout, with fetches, offset commits, heartbeats and
-the outbox relay's sends in flight. The workers resume by themselves within 60 s of the
+the session timeout and the clients' request timeout, with fetches, offset commits,
+heartbeats, the outbox relay's sends and the lag monitor's requests in flight. The workers resume by themselves within 60 s of the
 broker coming back, and every event is applied exactly once. A worker started while the
 broker is frozen (so it cannot join the group) still stops promptly on SIGTERM."""
 
@@ -30,13 +30,17 @@ async def test_broker_paused_for_20s_workers_resume_within_60s(
     if stack.local is None:
         pytest.skip("needs the embedded stack to pause the broker")
     broker = stack.local.broker
-    settings = fault_settings(settings, batch_max_records=100)
+    # Requests time out within the pause, as aiokafka's 40 s default would in a longer one:
+    # every client's error paths run, the lag monitor's metadata requests among them.
+    settings = fault_settings(
+        settings, batch_max_records=100, kafka_request_timeout_ms=10_000, monitor_interval_s=1
+    )
     await setup_pipeline(settings, partitions=4, flows=[("flow_a", "active")])
     load = mixed_load(random.Random(5), EVENTS)
     want = expected(load)
     with workers(settings, tmp_path) as group:
         ingest = group.spawn("charges", "usage")
-        relay = group.spawn("charges", "usage", "outbox")
+        relay = group.spawn("charges", "usage", "outbox", "monitor")
         async with Producer(settings) as producer:
             await producer.publish(settings, load.sent)
         # Freeze the broker once a quarter of the load is in: the rest is still to fetch.

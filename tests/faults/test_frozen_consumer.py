@@ -22,7 +22,7 @@ from tests.support import (
     wait_for,
 )
 from workers.jobs.monitor import LagMonitor
-from workers.kafka import security_options
+from workers.kafka import client_options
 from workers.metrics import Metrics
 from workers.settings import Settings
 
@@ -52,7 +52,7 @@ async def test_the_monitor_reads_the_true_log_end_on_this_broker(settings: Setti
     assert lags[TopicPartition(topic, 0)] == 150  # nothing committed: every record
     assert gauge(monitor.metrics, "chargeline_consumer_log_end_offset", topic, 0) == 150
     # ListOffsets alone, for the record: exact on Apache Kafka, short on this broker.
-    consumer = AIOKafkaConsumer(group_id=None, **security_options(settings))
+    consumer = AIOKafkaConsumer(group_id=None, **client_options(settings))
     await consumer.start()
     try:
         listed = (await consumer.end_offsets([TopicPartition(topic, 0)]))[TopicPartition(topic, 0)]

@@ -16,7 +16,14 @@ import asyncpg
 import pytest
 
 from tests.faults.expected import check, expected, mixed_load, wait_applied
-from tests.faults.harness import Producer, fault_settings, publish_paced, wait_until, workers
+from tests.faults.harness import (
+    Producer,
+    fault_settings,
+    frozen,
+    publish_paced,
+    wait_until,
+    workers,
+)
 from tests.support import Stack, outbox_empty, setup_pipeline
 from workers.settings import Settings
 
@@ -131,3 +138,43 @@ async def test_postgres_stopped_for_15s_workers_wait_bounded_and_resume(
         f"during (limit {limit / MIB:.0f}); retries {dict(retries)}; everything applied "
         f"{resumed:.1f}s after the restart; checked {summary}; outbox drained"
     )
+
+
+async def test_postgres_frozen_under_a_worker_is_reported_while_it_lasts(
+    stack: Stack, settings: Settings, tmp_path: Path
+) -> None:
+    """A Postgres that answers nothing (SIGSTOP: no refused connection, no error) leaves a
+    lane's statement waiting, so no retry says it. The lane watchdog asks Postgres once a
+    lane has waited: the worker logs postgres_not_answering and is not ready while it
+    lasts, then postgres_answering_again, and every event is applied once."""
+    if stack.local is None or stack.local.postgres.pid is None:
+        pytest.skip("needs the embedded stack to freeze Postgres")
+    settings = fault_settings(settings, batch_max_records=200, lane_stall_timeout_s=4)
+    await setup_pipeline(settings, partitions=3, flows=[("flow_a", "active")])
+    load = mixed_load(random.Random(6), 3_000)
+    before, during = load.sent[:1_000], load.sent[1_000:]
+    with workers(settings, tmp_path) as group:
+        worker = group.spawn("charges", "usage", metrics=True)
+        async with Producer(settings) as producer:
+            await producer.publish(settings, before)
+            await wait_applied(settings, expected(before), timeout=60, settle=0)
+            with frozen(stack.local.postgres.pid):
+                await producer.publish(settings, during)
+                await wait_until(
+                    lambda: worker.log("postgres_not_answering"),
+                    timeout=20,
+                    what="postgres_not_answering",
+                )
+                assert not worker.ready(), "/readyz answered 200 while Postgres did not"
+                assert worker.metric("chargeline_worker_ready") == 0
+                assert not worker.log("lane_stalled"), "an outage is not a stall"
+        await wait_applied(settings, expected(load.sent), timeout=60)
+        await wait_until(
+            lambda: worker.log("postgres_answering_again"),
+            timeout=30,
+            what="postgres_answering_again",
+        )
+        assert worker.ready() and worker.metric("chargeline_worker_ready") == 1
+        summary = await check(settings, expected(load.sent))
+    (reported,) = worker.log("postgres_not_answering")
+    print(f"a frozen Postgres was reported after {reported['waiting_s']}s; checked {summary}")

@@ -7,7 +7,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    RequestTimedOutError,
+    TopicAuthorizationFailedError,
+)
 
+from workers import kafka
 from workers.metrics import Metrics
 from workers.retry import Stopping, retry_transient
 from workers.settings import Settings
@@ -73,3 +81,19 @@ async def test_a_stop_request_during_an_outage_raises_stopping() -> None:
             stopping=stopping,
         )  # fmt: skip
     assert work.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        # No broker answered a metadata request (a broker frozen past the request timeout):
+        # the lag monitor's topics() raised this and stopped the whole worker.
+        (KafkaError("Unable to get cluster metadata over all known brokers"), True),
+        (KafkaConnectionError("connection refused"), True),
+        (RequestTimedOutError(), True),
+        (CommitFailedError("the group moved on"), False),
+        (TopicAuthorizationFailedError(), False),
+    ],
+)
+def test_which_kafka_errors_are_an_outage(error: Exception, retried: bool) -> None:
+    assert kafka.is_transient(error) is retried

@@ -1,6 +1,6 @@
 """Kafka SASL (SCRAM-SHA-256/512, PLAIN) and TLS settings, Postgres TLS in the URL.
 
-What reaches aiokafka is checked by building its client from ``security_options``: it
+What reaches aiokafka is checked by building its client from ``client_options``: it
 validates the combination itself (a SASL_SSL client without an SSL context, or SCRAM with
 no password, is refused there too).
 """
@@ -16,7 +16,7 @@ import pytest
 from aiokafka.client import AIOKafkaClient
 from pydantic import SecretStr, ValidationError
 
-from workers.kafka import security_options
+from workers.kafka import client_options
 from workers.settings import SaslMechanism, SecurityProtocol, Settings
 
 SASL_PASSWORD = "kafka-pa55word"  # noqa: S105 -- a made-up password to look for
@@ -38,11 +38,12 @@ async def test_sasl_ssl_gives_aiokafka_sasl_credentials_and_a_verifying_tls_cont
     mechanism: SaslMechanism,
 ) -> None:
     settings = sasl_settings("SASL_SSL", mechanism, kafka_ssl_cafile=certifi.where())
-    options = security_options(settings)
+    options = client_options(settings)
     context = options.pop("ssl_context")
     assert options == {
         "bootstrap_servers": "kafka-1:9093,kafka-2:9093",
         "security_protocol": "SASL_SSL",
+        "request_timeout_ms": 40_000,
         "sasl_mechanism": mechanism,
         "sasl_plain_username": "chargeline",
         "sasl_plain_password": SASL_PASSWORD,
@@ -59,7 +60,7 @@ async def test_sasl_ssl_gives_aiokafka_sasl_credentials_and_a_verifying_tls_cont
 
 
 async def test_sasl_plaintext_has_no_tls_context() -> None:
-    options = security_options(sasl_settings("SASL_PLAINTEXT", "SCRAM-SHA-256"))
+    options = client_options(sasl_settings("SASL_PLAINTEXT", "SCRAM-SHA-256"))
     assert "ssl_context" not in options
     assert options["sasl_mechanism"] == "SCRAM-SHA-256"
     client = AIOKafkaClient(**options)
@@ -67,17 +68,18 @@ async def test_sasl_plaintext_has_no_tls_context() -> None:
 
 
 def test_ssl_without_sasl_uses_the_system_trust_store_by_default() -> None:
-    options = security_options(Settings(kafka_security_protocol="SSL"))
+    options = client_options(Settings(kafka_security_protocol="SSL"))
     assert options["security_protocol"] == "SSL"
     assert isinstance(options["ssl_context"], ssl.SSLContext)
     assert options["ssl_context"].verify_mode == ssl.CERT_REQUIRED
     assert not {"sasl_mechanism", "sasl_plain_username", "sasl_plain_password"} & options.keys()
 
 
-def test_plaintext_is_just_the_servers() -> None:
-    assert security_options(Settings()) == {
+def test_plaintext_is_just_the_servers_and_the_request_timeout() -> None:
+    assert client_options(Settings(kafka_request_timeout_ms=5000)) == {
         "bootstrap_servers": "127.0.0.1:9092",
         "security_protocol": "PLAINTEXT",
+        "request_timeout_ms": 5000,
     }
 
 
@@ -86,7 +88,7 @@ def test_a_missing_ca_file_fails_at_start_not_at_the_first_connection(tmp_path: 
         "SASL_SSL", "SCRAM-SHA-512", kafka_ssl_cafile=str(tmp_path / "missing.pem")
     )
     with pytest.raises(FileNotFoundError):
-        security_options(settings)
+        client_options(settings)
 
 
 @pytest.mark.parametrize("protocol", ["SASL_SSL", "SASL_PLAINTEXT"])
@@ -133,7 +135,7 @@ def test_security_settings_come_from_the_fixed_variable_names(
     }.items():
         monkeypatch.setenv(name, value)
     settings = Settings()
-    options = security_options(settings)
+    options = client_options(settings)
     assert options["sasl_plain_username"] == "svc-chargeline"
     assert options["sasl_plain_password"] == SASL_PASSWORD
     # ...and the password never shows where settings are shown.

@@ -68,6 +68,11 @@ def next_offsets(
 COMMITTED_OFFSETS_TIMEOUT_S = 5.0
 
 
+OUTAGE_PROBE_S = 10.0
+"""How long a lane may hold its records before the watchdog asks Postgres whether it
+answers at all (a transaction takes well under a second)."""
+
+
 def value_bytes(records: list[Record]) -> int:
     """The bytes of the records' values: what a batch holds in memory, roughly twice over
     once parsed."""
@@ -107,10 +112,11 @@ class ConsumerLoop(WorkerLoop):
         self.totals = BatchResult()
         self.batches = 0
         self.stalled: dict[tuple[str, int], dict[str, int]] = {}  # lane -> oldest offsets
+        self.postgres_unanswering = False  # a lane waits and Postgres answers no probe
 
     @property
     def ready(self) -> bool:
-        return super().ready and not self.stalled
+        return super().ready and not self.stalled and not self.postgres_unanswering
 
     def _on_lane_failure(self, exc: BaseException) -> None:
         """A part or a batch failed: say so now and stop fetching. The loop then raises it,
@@ -355,21 +361,30 @@ class ConsumerLoop(WorkerLoop):
     async def _watch_lanes(self) -> None:
         """Report every lane that holds records and has not committed them for longer than
         ``lane_stall_timeout_s`` while Postgres answers: a lock never released, a database
-        refusing every attempt. An outage is not a stall (the retries report it)."""
+        refusing every attempt. An outage is not a stall: one that refuses connections shows
+        as retries, and one that answers nothing (a frozen server, a network that drops
+        packets) is found here, once a lane has waited ``OUTAGE_PROBE_S``, and reported as
+        ``postgres_not_answering`` with the worker not ready until it answers again."""
         timeout = self.settings.lane_stall_timeout_s
+        probe_after = min(timeout, OUTAGE_PROBE_S)
         while True:
-            await asyncio.sleep(min(timeout / 4, 5.0))
+            await asyncio.sleep(min(probe_after / 4, 5.0))
             now = time.monotonic()
-            late: dict[tuple[str, int], tuple[float, dict[str, int]]] = {}
+            waiting: dict[tuple[str, int], tuple[float, dict[str, int]]] = {}
             for batch, part in self.in_flight.unfinished():
-                if now - batch.submitted <= timeout:
+                if now - batch.submitted <= probe_after:
                     continue
-                _, oldest = late.setdefault(part.lane, (batch.submitted, {}))
+                _, oldest = waiting.setdefault(part.lane, (batch.submitted, {}))
                 for record in part.records():
                     name = f"{record.topic}[{record.partition}]"
                     oldest[name] = min(oldest.get(name, record.offset), record.offset)
-            if late and not await self._postgres_answers():
-                late = {}
+            answers = not waiting or await self._postgres_answers()
+            self._report_outage(answers, waiting, now)
+            late = {
+                lane: waited
+                for lane, waited in waiting.items()
+                if answers and now - waited[0] > timeout
+            }
             for lane, (since, oldest) in late.items():
                 if lane not in self.stalled:
                     log.error(
@@ -387,6 +402,25 @@ class ConsumerLoop(WorkerLoop):
                 )
             self.stalled = {lane: oldest for lane, (_, oldest) in late.items()}
             self.metrics.stalled_lanes.labels(worker=self.name).set(len(self.stalled))
+
+    def _report_outage(
+        self,
+        answers: bool,
+        waiting: dict[tuple[str, int], tuple[float, dict[str, int]]],
+        now: float,
+    ) -> None:
+        if not answers and not self.postgres_unanswering:
+            log.warning(
+                "postgres_not_answering",
+                worker=self.name,
+                lanes=[lane_name(lane, self.settings.batch_lanes) for lane in waiting],
+                waiting_s=round(now - min(since for since, _ in waiting.values()), 1),
+            )
+            self.metrics.ready.labels(worker=self.name).set(0)
+        elif answers and self.postgres_unanswering:
+            log.info("postgres_answering_again", worker=self.name)
+            self.metrics.ready.labels(worker=self.name).set(1)
+        self.postgres_unanswering = not answers
 
     async def _postgres_answers(self) -> bool:
         # A connection of its own: the pool's may all be held by the stalled lanes.

@@ -74,13 +74,13 @@ class LagMonitor(PeriodicWorker):
                 max_partition_fetch_bytes=_PEEK_BYTES,
                 fetch_max_wait_ms=_PEEK_WAIT_MS,
                 client_id="chargeline-monitor",
-                **kafka.security_options(self.settings),
+                **kafka.client_options(self.settings),
             )
             await consumer.start()
             self.consumer = consumer
         if self.admin is None:
             admin = AIOKafkaAdminClient(
-                client_id="chargeline-monitor", **kafka.security_options(self.settings)
+                client_id="chargeline-monitor", **kafka.client_options(self.settings)
             )
             await admin.start()
             self.admin = admin

@@ -28,7 +28,7 @@ from aiokafka.errors import OffsetOutOfRangeError
 
 from workers.errors import BrokerUnavailable, ChargelineError, UsageError
 from workers.ingest.parse import Record
-from workers.kafka import security_options
+from workers.kafka import client_options
 from workers.settings import Settings
 
 # How long a partition may go without delivering anything below its end before the replay
@@ -125,7 +125,7 @@ def replay_consumer(settings: Settings) -> AIOKafkaConsumer:
         max_poll_records=settings.batch_max_records,
         fetch_max_bytes=max(52_428_800, max_bytes),
         max_partition_fetch_bytes=max_bytes,
-        **security_options(settings),
+        **client_options(settings),
     )
 
 

@@ -35,7 +35,7 @@ from workers import db
 from workers.api import keys
 from workers.devtools.bench.load import PARTITIONS, charge_events
 from workers.devtools.bench.worker import WorkerRun, free_port
-from workers.kafka import ensure_topics, make_producer, security_options
+from workers.kafka import client_options, ensure_topics, make_producer
 from workers.settings import Settings
 
 SINGLE_CONCURRENCY = 64  # requests in flight on one keep-alive session: enough to fill it
@@ -266,7 +266,7 @@ async def skip_to_end(settings: Settings, group: str, topic: str) -> None:
     """Commit ``group``'s offsets at the end of ``topic``, so that a worker of that group
     starts after what is there: the throughput phases' records, never applied."""
     consumer = AIOKafkaConsumer(
-        group_id=group, enable_auto_commit=False, **security_options(settings)
+        group_id=group, enable_auto_commit=False, **client_options(settings)
     )
     await consumer.start()
     try:

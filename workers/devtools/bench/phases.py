@@ -42,7 +42,7 @@ from workers.devtools.bench.measure import (
 )
 from workers.devtools.bench.profile import DrainProfile
 from workers.devtools.bench.worker import WorkerRun
-from workers.kafka import ensure_topics, make_producer, security_options
+from workers.kafka import client_options, ensure_topics, make_producer
 from workers.settings import Settings
 
 
@@ -61,7 +61,7 @@ async def raw_consume(settings: Settings, total: int) -> float:
     """Records per second reading both topics with no processing at all."""
     consumer = AIOKafkaConsumer(
         group_id=None, enable_auto_commit=False, max_partition_fetch_bytes=8 << 20,
-        fetch_max_bytes=64 << 20, **security_options(settings),
+        fetch_max_bytes=64 << 20, **client_options(settings),
     )  # fmt: skip
     await consumer.start()
     try:
@@ -228,9 +228,7 @@ async def naive_sql(settings: Settings, budget_s: float = 10.0) -> float:
     """For reference, a floor under the naive baseline: only a dedup row and a balance
     update per event, one transaction each, no validation, alerts or offset commits."""
     conn = await asyncpg.connect(settings.dsn)
-    consumer = AIOKafkaConsumer(
-        group_id=None, enable_auto_commit=False, **security_options(settings)
-    )
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **client_options(settings))
     await consumer.start()
     try:
         await conn.execute(
@@ -304,9 +302,7 @@ async def fixed_rate(
     await worker.wait_events(already + count, limit_s=120)
     deadline = time.monotonic() + 60
     alert_latencies: list[float] = []
-    consumer = AIOKafkaConsumer(
-        group_id=None, enable_auto_commit=False, **security_options(settings)
-    )
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **client_options(settings))
     await consumer.start()
     try:
         tps = [TopicPartition(settings.topic_alerts, p) for p in range(PARTITIONS)]
