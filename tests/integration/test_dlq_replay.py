@@ -19,6 +19,7 @@ from tests.support import (
     cli,
     consume_all,
     fetchval,
+    grant,
     outbox_empty,
     produce,
     record,
@@ -175,4 +176,40 @@ async def test_replay_by_id_and_bad_ids(settings: Settings) -> None:
         code=2,
         mentions="not allowed with",
     )
+    await assert_invariants(settings)
+
+
+async def test_a_void_is_replayed_once_its_grant_exists_and_not_before(settings: Settings) -> None:
+    """A void that came before its grant is dead-lettered unknown_grant. Replayed while the
+    grant is still missing it would only be dead-lettered again, as a new letter the next
+    run replays in turn: it is skipped until the grant exists, then applied once."""
+    await setup_pipeline(settings, partitions=1)
+    void = {"type": "credit_void", "customer_ref": "c1", "reference": "v1",
+            "grant_reference": "g1", "reason": "refund"}  # fmt: skip
+    async with running_worker(settings, "usage"):
+        await produce(settings, settings.topic_usage, [record(void)])
+        await wait_for(
+            functools.partial(_count, settings, "SELECT count(*) FROM dead_letters", 1),
+            what="the void dead-lettered",
+        )
+        for _ in range(2):
+            early = ok_json(settings, "dlq", "replay")
+            assert early["replayed"] == 0
+            assert [s["why"] for s in early["skipped"]] == [
+                "customer 'c1' has no grant 'g1' a void can apply to"
+            ]
+        assert await fetchval(settings, "SELECT count(*) FROM dead_letters") == 1
+        await produce(settings, settings.topic_usage, [record(grant("c1", "g1", 100))])
+        await wait_for(
+            functools.partial(_count, settings, "SELECT count(*) FROM grants", 1), what="grant"
+        )
+        assert ok_json(settings, "dlq", "replay")["replayed"] == 1
+        await wait_for(
+            functools.partial(
+                _count, settings, "SELECT count(*) FROM grants WHERE status = 'voided'", 1
+            ),
+            what="the grant voided",
+        )
+    assert await fetchval(settings, "SELECT balance FROM customers WHERE customer_ref = 'c1'") == 0
+    assert await fetchval(settings, "SELECT count(*) FROM dead_letters") == 1
     await assert_invariants(settings)

@@ -113,3 +113,14 @@ def test_the_api_without_postgres_says_so_in_one_line() -> None:
     assert_one_line_error(
         done, code=1, mentions=f"cannot use Postgres at postgresql://chargeline@127.0.0.1:{free}"
     )
+
+
+def test_a_timeout_at_start_up_says_so() -> None:
+    """A Postgres that answers nothing raises a TimeoutError with no message of its own."""
+    from workers.cli.main import _server_error
+
+    message = _server_error(TimeoutError(), Settings())
+    assert message == (
+        "cannot use Postgres at postgresql://chargeline@127.0.0.1:5432/chargeline: "
+        "no answer in time (timed out)"
+    )

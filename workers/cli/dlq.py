@@ -49,7 +49,8 @@ def add_dlq(nouns: argparse._SubParsersAction[Parser]) -> None:
         description="Re-publish dead letters not yet replayed (original key, bytes and "
         f"headers) to their source topic and mark them replayed. Default: the reasons a "
         f"retry can clear ({', '.join(RETRYABLE_REASONS)}). Charges whose flow is still "
-        "paused or unknown are skipped and stay for a later run.",
+        "paused or unknown, and voids whose grant is still missing, are skipped and stay for a "
+        "later run.",
     )
     which = dreplay.add_mutually_exclusive_group()
     which.add_argument(

@@ -120,10 +120,17 @@ def _server_error(exc: Exception, settings: Settings) -> str | None:
         asyncpg is not None
         and isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InvalidCatalogNameError)
     ):
-        return f"cannot use Postgres at {mask_url(settings.dsn)}: {exc}"
+        return f"cannot use Postgres at {mask_url(settings.dsn)}: {_reason(exc)}"
     if kafka_errors is not None and isinstance(exc, kafka_errors.KafkaError):
-        return f"Kafka at {settings.kafka_bootstrap_servers}: {exc}"
+        return f"Kafka at {settings.kafka_bootstrap_servers}: {_reason(exc)}"
     return None
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's message; a timeout has none, so it says what it is."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no answer in time (timed out)"
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":

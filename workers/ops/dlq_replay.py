@@ -71,7 +71,8 @@ async def replay_dead_letters(
     replicas, mark them, commit. A crash between the acks and the commit leaves them unmarked
     and a re-run publishes them again: the input's dedup makes that second copy a duplicate.
     Without ``reasons`` or ``ids`` only ``RETRYABLE_REASONS`` are taken. A charge whose flow
-    is still paused or unknown is skipped and stays unreplayed, for a run after the fix.
+    is still paused or unknown, and a void whose grant is still missing, are skipped and
+    stay unreplayed, for a run after the fix.
     """
     if reasons is None and ids is None:
         reasons = list(RETRYABLE_REASONS)
@@ -147,6 +148,22 @@ async def _sendable(
         r["flow_id"]: r["status"]
         for r in await conn.fetch(db.QUERIES["flow_statuses"], sorted(set(flows.values())))
     } if flows else {}  # fmt: skip
+    # A void whose grant is still missing would only be dead-lettered again, as a new
+    # letter that the next run would replay in turn.
+    voids = {
+        row["id"]: target
+        for row in rows
+        if row["topic"] == settings.topic_usage and row["reason"] == "unknown_grant"
+        if (target := _void_target(row["record_value"])) is not None
+    }
+    voidable = {
+        (r["customer_ref"], r["reference"])
+        for r in await conn.fetch(
+            db.QUERIES["voidable_grants"],
+            [customer for customer, _ in voids.values()],
+            [grant for _, grant in voids.values()],
+        )
+    } if voids else set()  # fmt: skip
     sendable = []
     for row in rows:
         why = None
@@ -156,11 +173,26 @@ async def _sendable(
             status = statuses.get(flows[row["id"]])
             if status != "active":
                 why = f"flow {flows[row['id']]!r} is {status or 'unknown'}"
+        elif row["id"] in voids and voids[row["id"]] not in voidable:
+            customer, grant = voids[row["id"]]
+            why = f"customer {customer!r} has no grant {grant!r} a void can apply to"
         if why is None:
             sendable.append(row)
         else:
             report.skipped.append({"id": row["id"], "reason": row["reason"], "why": why})
     return sendable
+
+
+def _void_target(value: Any) -> tuple[str, str] | None:
+    """(customer_ref, grant_reference) of a credit_void record, or None."""
+    try:
+        event = orjson.loads(bytes(value))
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+    if not isinstance(event, dict):
+        return None
+    customer, grant = event.get("customer_ref"), event.get("grant_reference")
+    return (customer, grant) if isinstance(customer, str) and isinstance(grant, str) else None
 
 
 def _flow_id(value: Any) -> str | None:

@@ -85,3 +85,11 @@ WHERE dead_letter_id = ANY($1::bigint[]);
 
 -- name: flow_statuses
 SELECT flow_id, status FROM flows WHERE flow_id = ANY($1::text[]);
+
+-- name: voidable_grants
+-- Which of the (customer_ref, grant reference) pairs name a grant a void can still apply to.
+SELECT g.customer_ref, g.reference
+FROM grants g
+JOIN unnest($1::text[], $2::text[]) AS w(customer_ref, reference)
+  ON g.customer_ref = w.customer_ref AND g.reference = w.reference
+WHERE g.status IN ('pending', 'active', 'used');
