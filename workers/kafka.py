@@ -125,8 +125,8 @@ async def ensure_topics(
 ) -> list[str]:
     """Create the missing topics; return the names created."""
     admin = AIOKafkaAdminClient(**client_options(settings))
-    await admin.start()
     try:
+        await admin.start()  # in the try: a client that failed to start is closed too
         existing = set(await admin.list_topics())
         wanted = [name for name in all_topics(settings) if name not in existing]
         if not wanted:
@@ -144,6 +144,19 @@ async def ensure_topics(
         return wanted
     finally:
         await admin.close()
+
+
+async def partition_counts(settings: Settings, names: Sequence[str]) -> dict[str, int]:
+    """How many partitions each of the topics ``names`` has (those that exist)."""
+    if not names:
+        return {}
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    try:
+        await admin.start()
+        described = await admin.describe_topics(list(names))
+    finally:
+        await admin.close()
+    return {t["topic"]: len(t["partitions"]) for t in described if t["partitions"]}
 
 
 def encode_headers(headers: Sequence[tuple[str, bytes | None]]) -> str:

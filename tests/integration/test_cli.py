@@ -140,7 +140,7 @@ async def test_publish_validates_the_whole_file_first(settings: Settings, tmp_pa
     assert await consume_all(settings, settings.topic_charges, expected=1, timeout=3) == []
 
     good_file = tmp_path / "good.jsonl"
-    good_file.write_text("\n".join(good) + "\n")
+    good_file.write_text("\ufeff" + "\n".join(good) + "\n")  # a byte order mark: skipped
     report = ok_json(settings, "publish", settings.topic_charges, str(good_file))
     assert report["published"] == 5
     published = await consume_all(settings, settings.topic_charges, expected=5)
@@ -155,3 +155,16 @@ async def test_publish_validates_the_whole_file_first(settings: Settings, tmp_pa
         code=2,
         mentions="no such file",
     )
+
+
+async def test_topics_ensure_says_when_a_topic_has_other_partitions(settings: Settings) -> None:
+    first = cli(settings, "topics", "ensure", "--partitions", "2")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("created 5 topic(s)") and first.stderr == ""
+    again = cli(settings, "topics", "ensure", "--partitions", "2")
+    assert (again.returncode, again.stdout.strip(), again.stderr) == (0, "created 0 topic(s)", "")
+    other = cli(settings, "topics", "ensure", "--partitions", "3")
+    assert other.returncode == 0
+    warnings = other.stderr.strip().splitlines()
+    assert len(warnings) == 5
+    assert f"{settings.topic_usage} exists with 2 partitions, not 3: left as it is" in other.stderr

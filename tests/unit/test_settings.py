@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,3 +125,17 @@ def test_a_timeout_at_start_up_says_so() -> None:
         "cannot use Postgres at postgresql://chargeline@127.0.0.1:5432/chargeline: "
         "no answer in time (timed out)"
     )
+
+
+def test_an_unreachable_broker_is_one_line(tmp_path: Path) -> None:
+    """Not the Kafka client's own lines besides it, nor a warning of a client left open."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        nobody = f"127.0.0.1:{probe.getsockname()[1]}"
+    events = tmp_path / "one.jsonl"
+    events.write_text(
+        '{"type": "charge", "flow_id": "f", "customer_ref": "c", "reference": "r", '
+        '"amount": 1, "currency": "EUR"}\n'
+    )
+    for args in (("publish", "billing.charges", str(events)), ("topics", "ensure")):
+        done = chargeline(*args, CHARGELINE_KAFKA_BOOTSTRAP_SERVERS=nobody)
+        assert_one_line_error(done, code=1, mentions=f"Kafka at {nobody}")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from workers import db
 from workers.cli.args import Parser, add_actions, add_noun, positive_int
-from workers.kafka import ensure_topics
+from workers.kafka import all_topics, ensure_topics, partition_counts
 from workers.settings import Settings
 
 
@@ -32,4 +33,15 @@ async def migrate(settings: Settings, args: argparse.Namespace) -> int:
 async def topics_ensure(settings: Settings, args: argparse.Namespace) -> int:
     created = await ensure_topics(settings, args.partitions, args.replication_factor)
     print(f"created {len(created)} topic(s)" + (f": {', '.join(created)}" if created else ""))
+    wanted = args.partitions or settings.topic_partitions
+    existing = [name for name in all_topics(settings) if name not in created]
+    for name, count in sorted((await partition_counts(settings, existing)).items()):
+        if count != wanted:
+            # Not changed here: Kafka can only add partitions, and adding moves keys (a
+            # customer's records) to other partitions, which breaks their order.
+            print(
+                f"chargeline: warning: {name} exists with {count} partitions, not {wanted}: "
+                "left as it is",
+                file=sys.stderr,
+            )
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command not in ("worker", "dev", "api"):
         settings = settings.model_copy(update={"log_format": "console", "log_level": "error"})
+        # A command's failure is its one error line: the Kafka client's own account of a
+        # broker it cannot reach would only repeat it, in more lines.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     # A command whose modules log has imported structlog by now, or imports them when it
     # runs; one that does neither (most reads) skips configuring it, and the import.
     if args.command in _IMPORTS_WHEN_RUN or "structlog" in sys.modules:

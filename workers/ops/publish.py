@@ -11,6 +11,7 @@ traffic. A file that changes between the passes is refused.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -79,7 +80,8 @@ def accepted_types(settings: Settings, topic: str) -> frozenset[str]:
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
-            stripped = line.strip()
+            # A byte order mark, as some editors write, is not JSON, nor data.
+            stripped = (line.removeprefix(codecs.BOM_UTF8) if number == 1 else line).strip()
             if stripped:
                 yield number, stripped
 
@@ -154,8 +156,8 @@ async def publish_file(
         raise InvalidFile(f"{path} changed while it was being validated; nothing published")
     limiter = RateLimiter(rate) if rate else None
     producer = make_producer(settings, client_id="chargeline-publish")
-    await producer.start()
     try:
+        await producer.start()  # in the try: a client that failed to start is stopped too
         pending: list[asyncio.Future[object]] = []
         for number, line in _lines(path):
             try:

@@ -226,8 +226,8 @@ async def run_replay(
     report = ReplayReport(topic=topic, dry_run=dry_run)
     started = time.monotonic()
     consumer = replay_consumer(settings)
-    await consumer.start()
     try:
+        await consumer.start()  # in the try: a client that failed to start is stopped too
         report.partitions = await resolve_ranges(consumer, topic, spec)
         total = sum(r.end - r.start for r in report.partitions)
         log.info("replay_started", topic=topic, dry_run=dry_run, records=total,
