@@ -171,27 +171,7 @@ async def test_records_arriving_within_the_linger_are_applied_as_one_batch(
 ) -> None:
     await setup_pipeline(settings, partitions=1, flows=[("flow_a", "active")])
     settings = settings.model_copy(update={"batch_linger_ms": linger_ms})
-    producer = make_producer(settings, client_id="test-producer", linger_ms=0)
-    await producer.start()
-    try:
-        async with running_worker(settings, "charges") as process:
-            await wait_for(functools.partial(_assigned, process), what="the partition assigned")
-            for n in range(3):  # three fetches apart
-                key, value = record(charge("flow_a", "cust_1", f"ref-{n}"))
-                await (await producer.send(settings.topic_charges, value=value, key=key))
-                await asyncio.sleep(0.3)
-            await wait_for(functools.partial(ingest_done, process, 3), what="3 records processed")
-            metrics = process.metrics
-    finally:
-        await producer.stop()
-    sizes = [
-        sample.value
-        for family in metrics.registry.collect()
-        if family.name == "chargeline_batch_size"
-        for sample in family.samples
-        if sample.name == "chargeline_batch_size_count"
-    ]
-    assert sum(sizes) == batches
+    assert await _batches_for_three_charges(settings) == batches
     assert await fetchval(settings, "SELECT count(*) FROM charges") == 3
 
 
@@ -202,6 +182,13 @@ async def test_a_batch_stops_gathering_at_its_byte_budget(settings: Settings) ->
     settings = settings.model_copy(
         update={"batch_linger_ms": 5000, "batch_max_bytes": 1 << 20, "max_event_bytes": 1 << 20}
     )
+    assert await _batches_for_three_charges(settings, padding=700 << 10) == 2
+    assert await fetchval(settings, "SELECT count(*) FROM charges") == 3
+
+
+async def _batches_for_three_charges(settings: Settings, *, padding: int = 0) -> int:
+    """Send three charges 0.3 s apart (three fetches apart) to a charges worker, each
+    padded with ``padding`` spaces (still the same charge); how many batches applied them."""
     producer = make_producer(settings, client_id="test-producer", linger_ms=0)
     await producer.start()
     try:
@@ -209,22 +196,22 @@ async def test_a_batch_stops_gathering_at_its_byte_budget(settings: Settings) ->
             await wait_for(functools.partial(_assigned, process), what="the partition assigned")
             for n in range(3):
                 key, value = record(charge("flow_a", "cust_1", f"ref-{n}"))
-                padded = value[:-1] + b" " * (700 << 10) + b"}"  # still the same charge
-                await (await producer.send(settings.topic_charges, value=padded, key=key))
+                value = value[:-1] + b" " * padding + b"}"
+                await (await producer.send(settings.topic_charges, value=value, key=key))
                 await asyncio.sleep(0.3)
             await wait_for(functools.partial(ingest_done, process, 3), what="3 records processed")
             metrics = process.metrics
     finally:
         await producer.stop()
-    sizes = [
-        sample.value
-        for family in metrics.registry.collect()
-        if family.name == "chargeline_batch_size"
-        for sample in family.samples
-        if sample.name == "chargeline_batch_size_count"
-    ]
-    assert sum(sizes) == 2
-    assert await fetchval(settings, "SELECT count(*) FROM charges") == 3
+    return int(
+        sum(
+            sample.value
+            for family in metrics.registry.collect()
+            if family.name == "chargeline_batch_size"
+            for sample in family.samples
+            if sample.name == "chargeline_batch_size_count"
+        )
+    )
 
 
 async def _assigned(process: Any) -> bool:
