@@ -162,7 +162,7 @@ async def test_postgres_frozen_under_a_worker_is_reported_while_it_lasts(
                 await producer.publish(settings, during)
                 await wait_until(
                     lambda: worker.log("postgres_not_answering"),
-                    timeout=20,
+                    timeout=40,
                     what="postgres_not_answering",
                 )
                 assert not worker.ready(), "/readyz answered 200 while Postgres did not"
