@@ -57,9 +57,12 @@ def frozen(postmaster: int) -> Iterator[None]:
     """The postmaster and every process it runs stopped (SIGSTOP), then continued, whatever
     happens: a Postgres that answers nothing, as a hung host or a dropped network does."""
     processes = [psutil.Process(postmaster), *psutil.Process(postmaster).children(True)]
-    for process in processes:
-        process.send_signal(signal.SIGSTOP)
     try:
+        for process in processes:
+            # A backend may exit between the listing and its signal: the others must
+            # still be continued, whatever happens.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGSTOP)
         yield
     finally:
         for process in processes:
