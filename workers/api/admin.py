@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import Path, Request
+from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.common import MAX_IDENTIFIER_LENGTH, Identifier
+from schemas.common import Identifier
 from workers.api.auth import scoped_router
-from workers.api.bodies import identifier, json_body, parse_body
+from workers.api.bodies import json_body, parse_body
 from workers.api.documents import flow_document
 from workers.api.envelope import ApiError, ok
+from workers.api.paging import Ref
 from workers.api.services import Services
 from workers.db import QUERIES
 
@@ -74,7 +75,6 @@ async def _set_status(
     request: Request, flow_id: str, status: Literal["active", "paused"]
 ) -> Response:
     services: Services = request.app.state.services
-    flow_id = identifier(flow_id, "flow_id")
     if await services.fetchval(QUERIES["flow_set_status"], flow_id, status) is None:
         raise ApiError(404, "unknown_flow", f"no flow {flow_id!r}", param="flow_id")
     return await _flow_answer(request, services, flow_id, 200)
@@ -85,9 +85,7 @@ async def _set_status(
     summary="Pause a flow: its charges are refused (flow_paused) until it is resumed",
     responses={404: {"description": "unknown_flow"}},
 )
-async def pause_flow(
-    request: Request, flow_id: str = Path(max_length=MAX_IDENTIFIER_LENGTH)
-) -> Response:
+async def pause_flow(request: Request, flow_id: Ref) -> Response:
     return await _set_status(request, flow_id, "paused")
 
 
@@ -96,7 +94,5 @@ async def pause_flow(
     summary="Resume a paused flow",
     responses={404: {"description": "unknown_flow"}},
 )
-async def resume_flow(
-    request: Request, flow_id: str = Path(max_length=MAX_IDENTIFIER_LENGTH)
-) -> Response:
+async def resume_flow(request: Request, flow_id: Ref) -> Response:
     return await _set_status(request, flow_id, "active")

@@ -1,5 +1,6 @@
 """Request bodies: read with a size limit (413 as soon as it is over), parsed as JSON, checked
-against a model (422 naming the field); identifiers in paths checked as the CLI checks them."""
+against a model (422 naming the field). Ids in paths are checked by their type
+(``workers.api.paging.Ref``)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import orjson
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from schemas.common import MAX_IDENTIFIER_LENGTH
-from schemas.printable import is_printable
 from workers.api.envelope import ApiError
 
 MAX_BODY_BYTES = 16 * 1024
@@ -39,18 +38,6 @@ async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
         param = ".".join(str(part) for part in first["loc"]) or None
         message = f"{param}: {first['msg']}" if param else str(first["msg"])
         raise ApiError(422, "invalid_request", message, param=param) from None
-
-
-def identifier(value: str, param: str) -> str:
-    """``value`` if it is 1-200 printable characters (as the CLI's ids), else 422."""
-    if not 1 <= len(value) <= MAX_IDENTIFIER_LENGTH or not is_printable(value):
-        raise ApiError(
-            422,
-            "invalid_request",
-            f"{param}: expected 1-{MAX_IDENTIFIER_LENGTH} printable characters",
-            param=param,
-        )
-    return value
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -47,8 +47,8 @@ def _printable(value: str) -> str:
     return value
 
 
-# A customer's reference in a path: what an event may hold (an event with any other cannot
-# exist), so a read of one refuses it as a write does, rather than answering it empty.
+# An id in a path (a customer's reference, a flow's id): 1-200 printable characters, as an
+# event's are (no object can have another), so a read refuses it as a write does.
 Ref = Annotated[
     str, Path(min_length=1, max_length=MAX_IDENTIFIER_LENGTH), AfterValidator(_printable)
 ]
