@@ -28,8 +28,8 @@ PARTITIONS = 6
 DEPLETING_EVERY = 25  # one record in 25 of the fixed-rate load belongs to a depletion
 # How often the fixed-rate load sends what is due, one batch a partition: a producer's
 # linger. Each record is stamped with the moment it fell due, so the wait counts against
-# the latency measured. A finer tick costs the embedded broker more than the records do:
-# every produce request wakes each consumer's waiting fetch (README, "The curve").
+# the latency measured. Not finer: on the embedded broker every produce request wakes each
+# consumer's waiting fetch (README, "The curve").
 SEND_TICK_S = 0.02
 
 
